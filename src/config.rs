@@ -1,0 +1,323 @@
+//! Command line and the eXpServer JSON config file, merged into [`Settings`].
+//!
+//! Precedence is option > config file > default (SPEC §1). Everything that can
+//! be wrong with the user's input is found here, before any socket is opened,
+//! and reported as a [`ConfigError`] naming the file or option and what is wrong;
+//! `main` turns it into exit status 2. Listener addresses are only *parsed* here;
+//! resolving and binding them is the listener module's job (exit status 1).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::protocol::DEFAULT_MAX_LINE;
+use crate::utils::logger::Level;
+
+/// Ports opened when neither `--listen` nor a config file names any: the C
+/// tutorial's three.
+pub const DEFAULT_PORTS: [u16; 3] = [8001, 8002, 8003];
+/// Default `--max-connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default `--idle-timeout`, in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+/// Upper bound for `--workers`, far above any sensible value, so that a typo
+/// cannot ask for a million threads.
+pub const MAX_WORKERS: usize = 1024;
+
+/// `xps [CONFIG] [OPTIONS]`: the command line, as clap parses it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xps",
+    version,
+    about = "eXpServer Stage 6 in Rust: a multi-port, event-driven line-reversal server",
+    long_about = "eXpServer Stage 6 in Rust: a single-process, event-driven TCP server that \
+listens on several ports at once and answers every line with the line reversed.\n\n\
+Without a CONFIG or --listen it listens on 0.0.0.0:8001, 0.0.0.0:8002 and 0.0.0.0:8003.",
+    after_help = "Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when a listener \
+cannot be opened, 2 for a bad config file or bad options."
+)]
+pub struct Cli {
+    /// eXpServer JSON config file (xps_config.json): every listener of every
+    /// server is opened.
+    #[arg(value_name = "CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Listen on HOST:PORT (repeatable; replaces the config's or default
+    /// listeners). IPv6 as [::1]:8001. Port 0 picks a free port, logged at start.
+    #[arg(short, long, value_name = "HOST:PORT", value_parser = parse_listen_arg)]
+    pub listen: Vec<ListenAddr>,
+
+    /// Event loops (threads), each with its own SO_REUSEPORT listening sockets
+    /// [default: the config's "workers", else 1].
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_WORKERS as u64))]
+    pub workers: Option<u64>,
+
+    /// Connections served at once, over all workers; more wait in the listen
+    /// backlog until a slot frees [default: 10000].
+    #[arg(short = 'c', long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_connections: Option<u64>,
+
+    /// Longest line held in memory; longer lines are answered in segments of
+    /// this many bytes [default: 100000].
+    #[arg(short = 'm', long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    pub max_line: Option<u64>,
+
+    /// Close connections with no traffic for this long; 0 = never
+    /// [default: 300].
+    #[arg(short = 't', long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
+    pub idle_timeout: Option<u64>,
+
+    /// error, warn, info or debug [default: info, or debug with XPS_DEBUG=1 or
+    /// RUST_LOG=debug].
+    #[arg(short = 'L', long, value_name = "LEVEL", value_parser = parse_level)]
+    pub log_level: Option<Level>,
+}
+
+/// One address to listen on, as the user wrote it: the host is resolved later
+/// (first address, like the tutorial's `xps_getaddrinfo()`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    /// IP address or host name, without IPv6 brackets.
+    pub host: String,
+    /// TCP port; 0 only from `--listen` (an ephemeral port).
+    pub port: u16,
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// What the server runs with, after merging options, config file and defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Addresses to open, in order, without duplicates.
+    pub listeners: Vec<ListenAddr>,
+    /// Number of event loops (threads).
+    pub workers: usize,
+    /// Connection cap over all workers.
+    pub max_connections: usize,
+    /// Segment size for overlong lines.
+    pub max_line: usize,
+    /// Idle timeout; `None` = never.
+    pub idle_timeout: Option<Duration>,
+    /// `--log-level`, if given (the environment decides otherwise).
+    pub log_level: Option<Level>,
+    /// Config keys accepted but not served by this release, for one warning.
+    pub ignored_keys: Vec<String>,
+}
+
+/// A bad config file or option value: exit status 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file at fault, if the error is in a config file.
+    pub file: Option<PathBuf>,
+    /// What is wrong, in one line.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.file {
+            Some(p) => write!(f, "config file {}: {}", p.display(), self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn parse_level(s: &str) -> Result<Level, String> {
+    Level::parse(s).ok_or_else(|| format!("'{s}' is not one of error, warn, info, debug"))
+}
+
+/// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces). Port 0 is
+/// allowed here: the kernel picks a free port.
+pub fn parse_listen_arg(s: &str) -> Result<ListenAddr, String> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest
+            .split_once("]:")
+            .ok_or_else(|| format!("'{s}' is not [IPV6]:PORT"))?;
+        (h, p)
+    } else {
+        s.rsplit_once(':')
+            .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?
+    };
+    if host.contains(':') && !s.starts_with('[') {
+        return Err(format!(
+            "'{s}': write IPv6 addresses in brackets, as [::1]:8001"
+        ));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("'{s}': port '{port}' is not a number in 0-65535"))?;
+    let host = if host.is_empty() { "0.0.0.0" } else { host };
+    Ok(ListenAddr {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// The `xps_config.json` shape this release reads. Unknown keys at any level
+/// land in `other` and are reported once, not rejected.
+#[derive(Debug, Deserialize)]
+struct ConfigFile {
+    #[serde(default)]
+    #[allow(dead_code)] // read for validation only; nothing serves it yet
+    server_name: Option<String>,
+    #[serde(default)]
+    workers: Option<u64>,
+    servers: Vec<ServerSection>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ServerSection {
+    listeners: Vec<ListenerSection>,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListenerSection {
+    host: String,
+    port: i64,
+    #[serde(flatten)]
+    other: Map<String, Value>,
+}
+
+/// What a config file contributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileConfig {
+    /// Every listener of every server, in file order.
+    pub listeners: Vec<ListenAddr>,
+    /// `workers`, if present.
+    pub workers: Option<usize>,
+    /// Names of keys accepted but not served (deduplicated, sorted).
+    pub ignored_keys: Vec<String>,
+}
+
+/// Reads and checks a config file.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: Some(path.to_path_buf()),
+        message: format!("cannot read it: {}", crate::os_reason(&e)),
+    })?;
+    parse_file(&text).map_err(|message| ConfigError {
+        file: Some(path.to_path_buf()),
+        message,
+    })
+}
+
+/// Parses config text; the error is one line, with line:column for JSON and
+/// type errors and a path like `servers[0].listeners[1].port` for bad values.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    let file: ConfigFile = serde_json::from_str(text).map_err(|e| {
+        let what = e.to_string();
+        // serde_json ends its messages with " at line L column C"; say it our way.
+        let what = what
+            .rsplit_once(" at line ")
+            .map_or(what.as_str(), |(head, _)| head)
+            .to_string();
+        format!("line {}:{}: {}", e.line(), e.column(), what)
+    })?;
+    let mut ignored = BTreeSet::new();
+    ignored.extend(file.other.keys().cloned());
+    let workers = match file.workers {
+        None => None,
+        Some(n) if (1..=MAX_WORKERS as u64).contains(&n) => Some(n as usize),
+        Some(n) => return Err(format!("workers: {n} is out of range 1-{MAX_WORKERS}")),
+    };
+    let mut listeners = Vec::new();
+    for (si, server) in file.servers.iter().enumerate() {
+        ignored.extend(server.other.keys().cloned());
+        for (li, l) in server.listeners.iter().enumerate() {
+            ignored.extend(l.other.keys().cloned());
+            let at = format!("servers[{si}].listeners[{li}]");
+            if !(1..=65535).contains(&l.port) {
+                return Err(format!("{at}.port: {} is out of range 1-65535", l.port));
+            }
+            let host = l.host.trim();
+            if host.is_empty() {
+                return Err(format!("{at}.host is empty"));
+            }
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            push_unique(
+                &mut listeners,
+                ListenAddr {
+                    host: host.to_string(),
+                    port: l.port as u16,
+                },
+            );
+        }
+    }
+    if listeners.is_empty() {
+        return Err("no listeners: servers[].listeners[] names none".to_string());
+    }
+    Ok(FileConfig {
+        listeners,
+        workers,
+        ignored_keys: ignored.into_iter().collect(),
+    })
+}
+
+fn push_unique(list: &mut Vec<ListenAddr>, addr: ListenAddr) {
+    if !list.contains(&addr) {
+        list.push(addr);
+    }
+}
+
+impl Settings {
+    /// Merges the command line with its config file (if any) and the defaults.
+    pub fn from_cli(cli: Cli) -> Result<Settings, ConfigError> {
+        let file = cli.config.as_deref().map(load_file).transpose()?;
+        let listeners = if !cli.listen.is_empty() {
+            let mut v = Vec::new();
+            for a in cli.listen {
+                push_unique(&mut v, a);
+            }
+            v
+        } else if let Some(f) = &file {
+            f.listeners.clone()
+        } else {
+            DEFAULT_PORTS
+                .iter()
+                .map(|&port| ListenAddr {
+                    host: "0.0.0.0".to_string(),
+                    port,
+                })
+                .collect()
+        };
+        let workers = cli
+            .workers
+            .map(|n| n as usize)
+            .or(file.as_ref().and_then(|f| f.workers))
+            .unwrap_or(1);
+        let idle = cli.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+        Ok(Settings {
+            listeners,
+            workers,
+            max_connections: cli
+                .max_connections
+                .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as usize),
+            max_line: cli.max_line.map_or(DEFAULT_MAX_LINE, |n| n as usize),
+            idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
+            log_level: cli.log_level,
+            ignored_keys: file.map(|f| f.ignored_keys).unwrap_or_default(),
+        })
+    }
+}

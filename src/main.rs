@@ -1,0 +1,37 @@
+//! `xps [CONFIG] [OPTIONS]`: eXpServer's `main()`.
+//!
+//! Parses the command line, sets up the logger, and runs the server. Every
+//! failure is one line on stderr and an exit status, never a panic:
+//! 0 after a clean shutdown, 1 when a listener cannot be opened (or the
+//! server fails at run time), 2 for a bad config file or bad options.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use xps::config::{Cli, Settings};
+use xps::server::{self, ServerError};
+use xps::utils::logger::{self, Level};
+use xps::xps_log;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and exit 0; bad options exit 2.
+        Err(e) => e.exit(),
+    };
+    logger::init(cli.log_level);
+    let settings = match Settings::from_cli(cli) {
+        Ok(s) => s,
+        Err(e) => {
+            xps_log!(Level::Error, "main()", "{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match server::run(&settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ServerError::Listen(_)) | Err(e @ ServerError::Fatal(_)) => {
+            xps_log!(Level::Error, "main()", "{e}");
+            ExitCode::from(1)
+        }
+    }
+}

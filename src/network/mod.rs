@@ -1,0 +1,3 @@
+//! eXpServer's `network/`: the listener and connection modules.
+pub mod connection;
+pub mod listener;

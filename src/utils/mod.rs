@@ -1,0 +1,2 @@
+//! eXpServer's `utils/`: the logger (and, as later stages need them, more).
+pub mod logger;

@@ -1,0 +1,276 @@
+//! Shared helpers for the integration tests: start the real `xps` binary on
+//! ephemeral loopback ports, find the ports it bound from its start-up log,
+//! talk to it, and stop it.
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Path of the binary under test.
+pub const XPS: &str = env!("CARGO_BIN_EXE_xps");
+
+/// A running server; killed (SIGKILL) on drop if still running.
+pub struct Server {
+    pub child: Child,
+    /// Ports it logged as listening, in order.
+    pub ports: Vec<u16>,
+    /// Every stderr line so far is forwarded here by a reader thread.
+    stderr_rx: mpsc::Receiver<String>,
+    /// Lines already received from `stderr_rx`.
+    pub log: Vec<String>,
+}
+
+impl Server {
+    /// Starts `xps` with `args` and waits until it has logged `expect_ports`
+    /// "Server listening on port N" lines.
+    pub fn start(args: &[&str], expect_ports: usize) -> Server {
+        Self::start_with(Command::new(XPS).args(args), expect_ports)
+    }
+
+    /// Starts `xps --listen 127.0.0.1:0` (× `n` listeners) plus `extra` args.
+    pub fn start_n(n: usize, extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = Vec::new();
+        for _ in 0..n {
+            args.push("--listen");
+            args.push("127.0.0.1:0");
+        }
+        args.extend_from_slice(extra);
+        Self::start(&args, n)
+    }
+
+    /// Starts a prepared command (for env vars, rlimits …).
+    pub fn start_with(cmd: &mut Command, expect_ports: usize) -> Server {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn xps");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            ports: Vec::new(),
+            stderr_rx: rx,
+            log: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.ports.len() < expect_ports {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = server
+                .stderr_rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("xps did not start; log so far: {:?}", server.log));
+            if let Some(rest) = line.split("Server listening on port ").nth(1) {
+                let port: u16 = rest.split_whitespace().next().unwrap().parse().unwrap();
+                server.ports.push(port);
+            }
+            server.log.push(line);
+        }
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.ports[0]
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A connected client on port index `i`.
+    pub fn connect(&self, i: usize) -> TcpStream {
+        connect(self.ports[i])
+    }
+
+    /// Sends a signal (libc) to the server.
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Collects log lines received so far (non-blocking) and returns them all.
+    pub fn drain_log(&mut self) -> &[String] {
+        while let Ok(l) = self.stderr_rx.try_recv() {
+            self.log.push(l);
+        }
+        &self.log
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        if self.drain_log().iter().any(|l| l.contains(needle)) {
+            return true;
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr_rx.recv_timeout(left) {
+                Ok(l) => {
+                    let hit = l.contains(needle);
+                    self.log.push(l);
+                    if hit {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Resident set size of the server in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.child.id(), "VmRSS:")
+    }
+
+    /// Server CPU time (user + system) in clock ticks, from /proc/PID/stat.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // fields 14 and 15 of stat (utime, stime) are 11 and 12 after the comm.
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Connects to 127.0.0.1:`port` with a 10 s read timeout.
+pub fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads exactly `n` bytes (panics on timeout or EOF).
+pub fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).expect("read reply");
+    buf
+}
+
+/// Reads until EOF.
+pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read to EOF");
+    buf
+}
+
+/// Sends `input`, half-closes, and returns everything the server sends
+/// back until it closes.
+pub fn roundtrip_half_close(port: u16, input: &[u8]) -> Vec<u8> {
+    let mut s = connect(port);
+    let mut w = s.try_clone().unwrap();
+    let input = input.to_vec();
+    let writer = thread::spawn(move || {
+        w.write_all(&input).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let out = read_to_end(&mut s);
+    writer.join().unwrap();
+    out
+}
+
+/// Runs `xps` with `args` to completion (for start-up errors) with a timeout.
+pub fn run_to_exit(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+    run_cmd_to_exit(Command::new(XPS).args(args), timeout)
+}
+
+pub fn run_cmd_to_exit(cmd: &mut Command, timeout: Duration) -> (ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn xps");
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            child
+                .stdout
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            return (st, out);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("xps {:?} did not exit within {:?}", cmd, timeout);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes a temp file with `contents` and returns its path (unique per call).
+pub fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("xps-test-{}-{}", std::process::id(), n));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// A reference implementation of the reply to `input` (whole stream, then
+/// half-close), from the library's pure protocol module.
+pub fn expected(input: &[u8], max_line: usize) -> Vec<u8> {
+    xps::protocol::reverse_stream(input, max_line)
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
