@@ -321,3 +321,176 @@ impl Settings {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TESTER: &str = r#"{
+        "server_name": "eXpServer",
+        "workers": 4,
+        "servers": [
+            {
+                "listeners": [
+                    { "host": "0.0.0.0", "port": 8001 },
+                    { "host": "0.0.0.0", "port": 8002 },
+                    { "host": "0.0.0.0", "port": 8003 },
+                    { "host": "0.0.0.0", "port": 8004 }
+                ],
+                "routes": [
+                    { "req_path": "/", "type": "file_serve", "dir_path": "../public",
+                      "index": ["index.html"] }
+                ],
+                "gzip_enable": true,
+                "gzip_level": 8
+            }
+        ]
+    }"#;
+
+    fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("xps").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn tester_config_opens_8001_to_8004_and_names_ignored_keys() {
+        let f = parse_file(TESTER).unwrap();
+        let ports: Vec<u16> = f.listeners.iter().map(|l| l.port).collect();
+        assert_eq!(ports, [8001, 8002, 8003, 8004]);
+        assert!(f.listeners.iter().all(|l| l.host == "0.0.0.0"));
+        assert_eq!(f.workers, Some(4));
+        assert_eq!(f.ignored_keys, ["gzip_enable", "gzip_level", "routes"]);
+    }
+
+    #[test]
+    fn json_errors_give_line_and_column() {
+        let e = parse_file("{\n  \"servers\": [\n").unwrap_err();
+        assert!(e.starts_with("line 3:0: "), "{e}");
+        let e = parse_file("{ \"servers\": 5 }").unwrap_err();
+        assert!(e.contains("line 1:") && e.contains("invalid type"), "{e}");
+        let e =
+            parse_file(r#"{"servers":[{"listeners":[{"host":"a","port":"80"}]}]}"#).unwrap_err();
+        assert!(e.contains("invalid type: string \"80\""), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named_by_path() {
+        let e = parse_file(r#"{"servers":[{"listeners":[{"host":"a","port":0}]}]}"#).unwrap_err();
+        assert_eq!(e, "servers[0].listeners[0].port: 0 is out of range 1-65535");
+        let e =
+            parse_file(r#"{"servers":[{"listeners":[{"host":"a","port":70000}]}]}"#).unwrap_err();
+        assert_eq!(
+            e,
+            "servers[0].listeners[0].port: 70000 is out of range 1-65535"
+        );
+        let e = parse_file(r#"{"servers":[{"listeners":[{"host":" ","port":1}]}]}"#).unwrap_err();
+        assert_eq!(e, "servers[0].listeners[0].host is empty");
+        let e = parse_file(r#"{"servers":[]}"#).unwrap_err();
+        assert!(e.starts_with("no listeners"), "{e}");
+        let e = parse_file(r#"{"servers":[{"listeners":[]}]}"#).unwrap_err();
+        assert!(e.starts_with("no listeners"), "{e}");
+        let e = parse_file(r#"{"workers":0,"servers":[{"listeners":[{"host":"a","port":1}]}]}"#)
+            .unwrap_err();
+        assert_eq!(e, "workers: 0 is out of range 1-1024");
+        assert!(
+            parse_file("{}")
+                .unwrap_err()
+                .contains("missing field `servers`")
+        );
+    }
+
+    #[test]
+    fn duplicate_listeners_open_once_and_brackets_are_accepted() {
+        let f = parse_file(
+            r#"{"servers":[{"listeners":[{"host":"[::1]","port":9}]},
+                           {"listeners":[{"host":"::1","port":9}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f.listeners,
+            [ListenAddr {
+                host: "::1".into(),
+                port: 9
+            }]
+        );
+        assert_eq!(f.listeners[0].to_string(), "[::1]:9");
+    }
+
+    #[test]
+    fn listen_argument_forms() {
+        let p = |s| parse_listen_arg(s);
+        assert_eq!(p("127.0.0.1:80").unwrap().to_string(), "127.0.0.1:80");
+        assert_eq!(p("[::1]:8001").unwrap().host, "::1");
+        assert_eq!(p(":8001").unwrap().host, "0.0.0.0");
+        assert_eq!(p("localhost:0").unwrap().port, 0);
+        assert!(p("8001").is_err());
+        assert!(p("::1:8001").is_err());
+        assert!(p("host:99999").is_err());
+        assert!(p("[::1]8001").is_err());
+    }
+
+    #[test]
+    fn defaults_are_the_tutorials() {
+        let s = Settings::from_cli(cli(&[]).unwrap()).unwrap();
+        let l: Vec<String> = s.listeners.iter().map(ToString::to_string).collect();
+        assert_eq!(l, ["0.0.0.0:8001", "0.0.0.0:8002", "0.0.0.0:8003"]);
+        assert_eq!(s.workers, 1);
+        assert_eq!(s.max_connections, 10_000);
+        assert_eq!(s.max_line, 100_000);
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn options_beat_the_file() {
+        let path = std::env::temp_dir().join(format!("xps-cfg-{}.json", std::process::id()));
+        std::fs::write(&path, TESTER).unwrap();
+        let p = path.to_str().unwrap();
+        let s = Settings::from_cli(cli(&[p]).unwrap()).unwrap();
+        assert_eq!(s.listeners.len(), 4);
+        assert_eq!(s.workers, 4);
+        let s = Settings::from_cli(
+            cli(&[
+                p,
+                "--listen",
+                "127.0.0.1:1",
+                "-w",
+                "2",
+                "-t",
+                "0",
+                "-m",
+                "10",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(s.listeners.len(), 1);
+        assert_eq!(s.workers, 2);
+        assert_eq!(s.idle_timeout, None);
+        assert_eq!(s.max_line, 10);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors() {
+        for args in [
+            &["--workers", "0"][..],
+            &["--max-line", "0"],
+            &["--max-connections", "0"],
+            &["--listen", "nope"],
+            &["--log-level", "loud"],
+            &["--idle-timeout", "-1"],
+            &["--frobnicate"],
+        ] {
+            let e = cli(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let e = Settings::from_cli(cli(&["/nonexistent/xps.json"]).unwrap()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config file /nonexistent/xps.json: cannot read it: No such file or directory"
+        );
+    }
+}
