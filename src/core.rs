@@ -434,15 +434,18 @@ impl Core {
         if let Some(Reverse((t, _, _))) = self.timers.peek() {
             earliest(*t);
         }
+        let at_cap = self.shared.open.load(Ordering::Relaxed) >= self.limits.max_connections;
         for slot in &self.listeners {
             if !slot.ready {
                 continue;
             }
             match slot.listener.paused_until {
                 Some(t) => earliest(t),
-                // Ready and not paused means the cap (or the accept budget)
-                // stopped it.
-                None => earliest(self.now + CAP_RECHECK),
+                // At the cap, another worker may free a slot: look again
+                // soon (this worker's own closes are seen at once).
+                None if at_cap => earliest(self.now + CAP_RECHECK),
+                // The accept budget stopped it: go on next turn.
+                None => return Some(Duration::ZERO),
             }
         }
         wake.map(|t| t.saturating_duration_since(Instant::now()))
