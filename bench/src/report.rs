@@ -146,6 +146,7 @@ impl Report {
         o.num("server_pid", self.server_pid.map(|v| v as f64));
         o.num("server_utime_s", self.cpu.map(|c| c.utime_s));
         o.num("server_stime_s", self.cpu.map(|c| c.stime_s));
+        o.num("server_sched_cpu_s", self.cpu.and_then(|c| c.sched_s));
         o.num("server_rss_kb", self.server_rss_kb.map(|v| v as f64));
         o.num(
             "server_rss_before_kb",

@@ -44,6 +44,21 @@ pub fn proc_cpu(pid: u32) -> Option<(u64, u64)> {
     Some((f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?))
 }
 
+/// On-CPU time of every thread of process `pid`, in nanoseconds, from
+/// /proc/PID/task/*/schedstat (exact, unlike the tick-sampled utime/stime).
+pub fn sched_ns(pid: u32) -> Option<u64> {
+    let mut total = 0u64;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(t) = t else { continue };
+        if let Ok(s) = fs::read_to_string(t.path().join("schedstat"))
+            && let Some(v) = s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok())
+        {
+            total += v;
+        }
+    }
+    Some(total)
+}
+
 /// VmRSS of process `pid` in kB.
 pub fn rss_kb(pid: u32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -56,6 +71,8 @@ pub fn rss_kb(pid: u32) -> Option<u64> {
 pub struct CpuWindow {
     pub utime_s: f64,
     pub stime_s: f64,
+    /// Exact on-CPU time (schedstat), when the kernel provides it.
+    pub sched_s: Option<f64>,
 }
 
 /// Samples the server's CPU clock at the start of a window and reports the
@@ -63,24 +80,35 @@ pub struct CpuWindow {
 pub struct CpuMeter {
     pid: Option<u32>,
     start: Option<(u64, u64)>,
+    start_ns: Option<u64>,
 }
 
 impl CpuMeter {
     pub fn new(pid: Option<u32>) -> CpuMeter {
-        CpuMeter { pid, start: None }
+        CpuMeter {
+            pid,
+            start: None,
+            start_ns: None,
+        }
     }
 
     pub fn start(&mut self) {
         self.start = self.pid.and_then(proc_cpu);
+        self.start_ns = self.pid.and_then(sched_ns);
     }
 
     pub fn stop(&self) -> Option<CpuWindow> {
         let (u0, s0) = self.start?;
         let (u1, s1) = proc_cpu(self.pid?)?;
+        let ns1 = sched_ns(self.pid?);
         let hz = clk_tck();
         Some(CpuWindow {
             utime_s: u1.saturating_sub(u0) as f64 / hz,
             stime_s: s1.saturating_sub(s0) as f64 / hz,
+            sched_s: match (self.start_ns, ns1) {
+                (Some(a), Some(b)) if b > 0 => Some(b.saturating_sub(a) as f64 / 1e9),
+                _ => None,
+            },
         })
     }
 }
@@ -94,6 +122,7 @@ mod tests {
         let me = std::process::id();
         assert!(proc_cpu(me).is_some());
         assert!(rss_kb(me).unwrap() > 0);
+        assert!(sched_ns(me).is_some());
         assert!(raise_nofile() > 0);
     }
 }

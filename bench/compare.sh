@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Builds xps, the load generator and the two peers, then runs every benchmark
+# case on fresh server processes and writes bench/results/{results.json,
+# RESULTS.md,chart.svg}. Needs only Rust, gcc, python3 and taskset.
+#
+#   bench/compare.sh            # full run (~6 minutes)
+#   QUICK=1 bench/compare.sh    # short smoke run (~1 minute), same outputs
+#
+# Knobs (environment): ROUNDS, DURATION, WARMUP, IDLE_CONNS, IDLE_HOLD,
+# OUT (results directory), CASES (comma list of case names to run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v taskset >/dev/null 2>&1; then
+    echo "compare.sh: taskset not found; installing util-linux" >&2
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y util-linux >/dev/null || { apt-get update >/dev/null && apt-get install -y util-linux >/dev/null; }
+    fi
+    command -v taskset >/dev/null 2>&1 || { echo "compare.sh: taskset (util-linux) is required" >&2; exit 1; }
+fi
+for tool in cargo gcc python3; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "compare.sh: $tool is required" >&2; exit 1; }
+done
+
+echo "== build (release)" >&2
+cargo build --release -p xps -p xps-bench -p tokio-peer >&2
+mkdir -p target/release
+gcc -O2 -Wall -Wextra -o target/release/c-echo bench/c-echo/echo.c
+
+# idle needs 10000 connections on each side: use the hard limit.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+exec python3 bench/compare.py "$@"
