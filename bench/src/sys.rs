@@ -51,7 +51,10 @@ pub fn sched_ns(pid: u32) -> Option<u64> {
     for t in fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let Ok(t) = t else { continue };
         if let Ok(s) = fs::read_to_string(t.path().join("schedstat"))
-            && let Some(v) = s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok())
+            && let Some(v) = s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
         {
             total += v;
         }
