@@ -6,7 +6,8 @@
  *
  * Correct under back-pressure: bytes the socket does not take are kept in a
  * per-connection buffer (grown on demand), and reading from a connection
- * pauses while more than HIGH_WATER bytes wait for it.
+ * pauses while more than HIGH_WATER bytes wait for it. TCP_NODELAY is set on
+ * accepted sockets, as xps does.
  *
  *   gcc -O2 -o echo echo.c && ./echo 127.0.0.1:PORT   (PORT 0 = any)
  *
@@ -17,6 +18,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,6 +203,8 @@ int main(int argc, char **argv)
                         close(fd);
                         continue;
                     }
+                    /* Like xps: replies must not wait for Nagle. */
+                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     nc->fd = fd;
                     nc->want_read = 1;
                     struct epoll_event cev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,

@@ -5,6 +5,7 @@
 //! (bytewise; CRLF keeps its terminator), write into a `BufWriter`, and flush
 //! only when the reader holds no further complete line, so pipelined lines
 //! are answered in one write. One thread: a current-thread runtime.
+//! TCP_NODELAY is set on accepted sockets, as xps does.
 //! Prints `[INFO] main() : Server listening on port PORT (ADDR)` on stderr
 //! once bound, like xps.
 
@@ -34,6 +35,8 @@ fn main() -> std::io::Result<()> {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    // Like xps: replies must not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
                     tokio::spawn(async move {
                         let _ = serve(stream).await;
                     });
