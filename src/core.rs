@@ -324,6 +324,10 @@ impl Core {
         let Some(conn) = self.connections.get_mut(key) else {
             return;
         };
+        // The shared output buffer must start empty: bytes left in it by one
+        // connection would be sent to the next one.
+        debug_assert!(self.scratch.out.is_empty());
+        self.scratch.out.clear();
         match conn.drive(&mut self.scratch, self.now) {
             Status::Idle => {}
             Status::More => self.deferred.push((key, conn.id)),

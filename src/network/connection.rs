@@ -217,7 +217,11 @@ impl Connection {
                 more = false;
             }
         }
-        match self.flush(scratch) {
+        let flushed = self.flush(scratch);
+        // Whatever happened, nothing of this connection's may stay in the
+        // shared buffer: the next connection driven would send it.
+        scratch.out.clear();
+        match flushed {
             Ok(n) => moved += n,
             Err(reason) => return Status::Close(reason),
         }
@@ -280,6 +284,7 @@ impl Connection {
 
     /// Sends this pass's replies (and any older pending ones) with at most one
     /// `send()`; keeps what the socket did not take. Returns the bytes sent.
+    /// The caller clears `scratch.out` afterwards, on success and on error.
     fn flush(&mut self, scratch: &mut Scratch) -> Result<usize, CloseReason> {
         if !scratch.out.is_empty() {
             if !self.has_pending() && self.writable {
@@ -291,7 +296,6 @@ impl Connection {
                     self.sent = 0;
                     self.pending.extend_from_slice(&scratch.out[n..]);
                 }
-                scratch.out.clear();
                 return Ok(n);
             }
             if self.sent > 0 {
@@ -299,7 +303,6 @@ impl Connection {
                 self.sent = 0;
             }
             self.pending.extend_from_slice(&scratch.out);
-            scratch.out.clear();
         }
         if !self.has_pending() || !self.writable {
             return Ok(0);
