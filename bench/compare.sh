@@ -7,7 +7,9 @@
 #   QUICK=1 bench/compare.sh    # short smoke run (~1 minute), same outputs
 #
 # Knobs (environment): ROUNDS, DURATION, WARMUP, IDLE_CONNS, IDLE_HOLD,
-# OUT (results directory), CASES (comma list of case names to run).
+# OUT (results directory), CASES (comma list of case names to run),
+# NICE (e.g. -10: run servers and load generator at higher priority, for a
+# shared machine; needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -150,8 +150,9 @@ def write_md(doc, s, path):
     for k in ["nproc", "cpu_model", "kernel", "date", "rustc", "gcc", "git_commit",
               "loadavg_start", "loadavg_end", "total_s", "nofile_limit"]:
         L.append("| %s | %s |" % (k, info.get(k)))
-    L.append("| config | rounds=%s, duration=%ss, warm-up=%ss, idle: %s conns held %ss%s |\n" % (
+    L.append("| config | rounds=%s, duration=%ss, warm-up=%ss, idle: %s conns held %ss%s%s |\n" % (
         cfg["rounds"], cfg["duration_s"], cfg["warmup_s"], cfg["idle_conns"], cfg["idle_hold_s"],
+        ", nice %s (servers and load generator)" % cfg["nice"] if cfg.get("nice") else "",
         ", QUICK" if cfg.get("quick") else ""))
     L.append("Peers: **tokio-peer** = idiomatic tokio (current-thread runtime, `BufReader::"
              "read_until` + `BufWriter`, flush when no complete line is buffered); **c-echo** = "
