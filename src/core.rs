@@ -59,6 +59,9 @@ pub const ACCEPT_BUDGET: usize = 256;
 pub const CAP_RECHECK: Duration = Duration::from_millis(50);
 /// How long shutdown waits for replies to drain before closing anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// During shutdown, how often lingering connections are looked at (their
+/// progress — the client acknowledging replies — raises no epoll event).
+pub const LINGER_TICK: Duration = Duration::from_millis(10);
 /// At most one accept-failure warning per this interval per worker.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -431,7 +434,9 @@ impl Core {
         if !self.deferred.is_empty() {
             return Some(Duration::ZERO);
         }
-        let mut wake: Option<Instant> = self.shutdown_deadline;
+        let mut wake: Option<Instant> = self
+            .shutdown_deadline
+            .map(|d| d.min(self.now + LINGER_TICK));
         let mut earliest = |t: Instant| {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         };
@@ -486,6 +491,18 @@ impl Handler for Core {
         self.run_deferred();
         self.expire_idle();
         if let Some(deadline) = self.shutdown_deadline {
+            let lingering: Vec<usize> = self
+                .connections
+                .iter()
+                .filter(|(_, c)| c.is_lingering())
+                .map(|(k, _)| k)
+                .collect();
+            for key in lingering {
+                let status = self.connections[key].linger(&mut self.scratch.read);
+                if let Status::Close(reason) = status {
+                    self.connection_destroy(key, &reason);
+                }
+            }
             if self.connections.is_empty() {
                 self.stopped = true;
             } else if self.now >= deadline {

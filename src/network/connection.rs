@@ -138,8 +138,14 @@ pub struct Connection {
     input_done: bool,
     /// Reading is paused by flow control.
     paused: bool,
-    /// The server is shutting down: read what has arrived, answer it, close.
+    /// The server is shutting down: read what had arrived, answer it, close.
     shutting_down: bool,
+    /// While shutting down: bytes that had reached the kernel when shutdown
+    /// began and are still to be read (`FIONREAD` at that moment).
+    unread_at_shutdown: usize,
+    /// Shutdown, every reply handed to the kernel and our side shut
+    /// (FIN queued): waiting until the client has them (see `linger`).
+    lingering: bool,
 }
 
 impl Connection {
@@ -159,6 +165,8 @@ impl Connection {
             input_done: false,
             paused: false,
             shutting_down: false,
+            unread_at_shutdown: 0,
+            lingering: false,
         }
     }
 
@@ -190,13 +198,18 @@ impl Connection {
         self.pending_len() > 0
     }
 
-    /// Shutdown: from now on, read only what the kernel already holds, answer
-    /// it, and close once the replies are out. An unterminated last line is
-    /// not answered (the client has not finished it).
+    /// Shutdown: read only what had reached the kernel by now (even if flow
+    /// control must pause and resume to get through it), answer it, then
+    /// close. Bytes sent after this moment are not answered, nor is an
+    /// unterminated last line (the client has not finished it).
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
-        self.readable = true;
-        self.paused = false;
+        self.unread_at_shutdown = unread_bytes(&self.stream);
+        if self.unread_at_shutdown == 0 {
+            self.input_done = true;
+        } else {
+            self.readable = true;
+        }
     }
 
     /// `xps_connection_read_handler()`, generalised: one read–write pass (see
@@ -211,10 +224,6 @@ impl Connection {
                     scratch.out.clear();
                     return Status::Close(reason);
                 }
-            }
-            if self.shutting_down {
-                self.input_done = true;
-                more = false;
             }
         }
         let flushed = self.flush(scratch);
@@ -233,11 +242,10 @@ impl Connection {
             more |= self.readable;
         }
         if self.input_done && !self.has_pending() {
-            return Status::Close(if self.shutting_down {
-                CloseReason::Shutdown
-            } else {
-                CloseReason::Finished
-            });
+            if !self.shutting_down {
+                return Status::Close(CloseReason::Finished);
+            }
+            return self.linger(&mut scratch.read);
         }
         if more { Status::More } else { Status::Idle }
     }
@@ -252,22 +260,33 @@ impl Connection {
                 self.paused = true;
                 return Ok((false, total));
             }
-            if total >= READ_BUDGET && !self.shutting_down {
+            if total >= READ_BUDGET {
                 return Ok((true, total));
             }
-            match self.stream.read(&mut scratch.read) {
+            // In shutdown, read no further than what had arrived by then.
+            let want = if self.shutting_down {
+                self.unread_at_shutdown.min(scratch.read.len())
+            } else {
+                scratch.read.len()
+            };
+            match self.stream.read(&mut scratch.read[..want]) {
                 Ok(0) => {
                     self.readable = false;
                     self.input_done = true;
-                    if !self.shutting_down {
-                        self.reverser.finish(&mut scratch.out);
-                    }
+                    self.reverser.finish(&mut scratch.out);
                     return Ok((false, total));
                 }
                 Ok(n) => {
                     total += n;
                     self.reverser.feed(&scratch.read[..n], &mut scratch.out);
-                    if n < scratch.read.len() && !self.read_closed_hint {
+                    if self.shutting_down {
+                        self.unread_at_shutdown -= n;
+                        if self.unread_at_shutdown == 0 {
+                            self.input_done = true;
+                            return Ok((false, total));
+                        }
+                    }
+                    if n < want && !self.read_closed_hint {
                         self.readable = false;
                         return Ok((false, total));
                     }
@@ -280,6 +299,41 @@ impl Connection {
                 Err(e) => return Err(classify(e)),
             }
         }
+    }
+
+    /// The end of a graceful shutdown, nginx's "lingering close". Closing a
+    /// socket whose receive queue holds data makes the kernel send a reset,
+    /// which destroys replies not yet delivered, and a client still sending
+    /// would keep refilling that queue. So: shut our side (the FIN follows
+    /// the replies), read and drop what the client sends, and close once the
+    /// client has closed too, or once it has acknowledged every reply and
+    /// sent nothing new. The core drives lingering connections every few
+    /// milliseconds during shutdown, and closes what remains at the end of
+    /// the grace period.
+    pub fn linger(&mut self, buf: &mut [u8]) -> Status {
+        if !self.lingering {
+            self.lingering = true;
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        }
+        loop {
+            match self.stream.read(buf) {
+                Ok(0) => return Status::Close(CloseReason::Shutdown),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Status::Close(classify(e)),
+            }
+        }
+        if unsent_bytes(&self.stream) == 0 {
+            Status::Close(CloseReason::Shutdown)
+        } else {
+            Status::Idle
+        }
+    }
+
+    /// Whether the connection is in its lingering close.
+    pub fn is_lingering(&self) -> bool {
+        self.lingering
     }
 
     /// Sends this pass's replies (and any older pending ones) with at most one
@@ -322,6 +376,26 @@ impl Connection {
         }
         Ok(n)
     }
+}
+
+/// Bytes waiting in the socket's receive queue (`ioctl(FIONREAD)`); 0 if
+/// the call fails.
+fn unread_bytes(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
+}
+
+/// Bytes sent but not yet acknowledged by the peer, or not yet sent
+/// (`ioctl(TIOCOUTQ)`, a.k.a. SIOCOUTQ); 0 if the call fails.
+fn unsent_bytes(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which is valid.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
 /// One `send()` of `data` (retried on EINTR). A short write or `WouldBlock`
