@@ -161,6 +161,15 @@ def write_md(doc, s, path):
     L.append("The machine is a shared 2-vCPU VM; other processes ran during the benchmark (see the "
              "noise row and the load averages). Throughput and tail latency are therefore noisy; "
              "**server CPU per operation is the most trustworthy comparison**.\n")
+    L.append("How to read: the load generator keeps the pipe full, so when neither the server "
+             "nor the load generator uses its whole CPU (\"server CPU % of the window\"), "
+             "throughput is bound by wake-up latency (the CPU is shared with other runnable "
+             "tasks), not by the server's code. \"noise\" is the CPU time (user+nice+system "
+             "from /proc/stat) that neither the server nor the load generator used during the "
+             "run. Loopback receive processing partly runs in softirq context, which the kernel "
+             "may not charge to either process; that share is missing from every server's CPU "
+             "figures alike. Ratios are xps divided by the peer: above 1 means xps has more of "
+             "the metric (better for throughput, worse for CPU, latency and memory).\n")
 
     main_cases = [c for c in doc["cases"] if not c["name"].startswith("scale-")]
     peers = ["xps", "tokio-peer", "c-echo"]
