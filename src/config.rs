@@ -275,8 +275,10 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     })
 }
 
+/// Adds `addr` unless it is already listed. Port 0 ("any free port") is
+/// never a duplicate: each one is a listener of its own.
 fn push_unique(list: &mut Vec<ListenAddr>, addr: ListenAddr) {
-    if !list.contains(&addr) {
+    if addr.port == 0 || !list.contains(&addr) {
         list.push(addr);
     }
 }
@@ -413,6 +415,26 @@ mod tests {
             }]
         );
         assert_eq!(f.listeners[0].to_string(), "[::1]:9");
+    }
+
+    #[test]
+    fn repeated_port_zero_is_several_listeners() {
+        let s = Settings::from_cli(
+            cli(&[
+                "-l",
+                "127.0.0.1:0",
+                "-l",
+                "127.0.0.1:0",
+                "-l",
+                "127.0.0.1:9",
+                "-l",
+                "127.0.0.1:9",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let ports: Vec<u16> = s.listeners.iter().map(|l| l.port).collect();
+        assert_eq!(ports, [0, 0, 9]);
     }
 
     #[test]

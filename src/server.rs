@@ -87,11 +87,16 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
             settings.ignored_keys.join(", ")
         );
     }
-    let per_worker =
-        open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?;
     let fatal = |what: &str, e: std::io::Error| {
         ServerError::Fatal(format!("{what}: {}", crate::os_reason(&e)))
     };
+    // Catch SIGINT/SIGTERM before the first "listening" line: a signal sent
+    // as soon as the server says it is up must start a graceful shutdown,
+    // not kill it. Signals that come before the signal thread starts wait
+    // in signal-hook's pipe.
+    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| fatal("signal handler", e))?;
+    let per_worker =
+        open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?;
     let shared = Arc::new(Shared::default());
     let limits = Limits {
         max_line: settings.max_line,
@@ -109,7 +114,6 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
         loops.push((event_loop, core));
     }
 
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| fatal("signal handler", e))?;
     let signal_handle = signals.handle();
     let stop_shared = shared.clone();
     let signal_thread = thread::Builder::new()
