@@ -249,13 +249,14 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
                 return Err(format!("{at}.port: {} is out of range 1-65535", l.port));
             }
             let host = l.host.trim();
-            if host.is_empty() {
-                return Err(format!("{at}.host is empty"));
-            }
             let host = host
                 .strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host);
+                .unwrap_or(host)
+                .trim();
+            if host.is_empty() {
+                return Err(format!("{at}.host is empty"));
+            }
             push_unique(
                 &mut listeners,
                 ListenAddr {
@@ -385,6 +386,9 @@ mod tests {
             "servers[0].listeners[0].port: 70000 is out of range 1-65535"
         );
         let e = parse_file(r#"{"servers":[{"listeners":[{"host":" ","port":1}]}]}"#).unwrap_err();
+        assert_eq!(e, "servers[0].listeners[0].host is empty");
+        // Found by the config fuzzer: brackets around nothing.
+        let e = parse_file(r#"{"servers":[{"listeners":[{"host":"[ ]","port":1}]}]}"#).unwrap_err();
         assert_eq!(e, "servers[0].listeners[0].host is empty");
         let e = parse_file(r#"{"servers":[]}"#).unwrap_err();
         assert!(e.starts_with("no listeners"), "{e}");
