@@ -15,7 +15,7 @@
 #   Exits non-zero if the server died, a reply was wrong, the load client saw
 #   errors (more than SOAK_MAX_ERRORS, default 0) or the shutdown failed.
 #
-# idle: on a fresh server (--max-connections 20000), opens SOAK_IDLE_N
+# idle: on a fresh server (--max-connections 20000, default idle timeout), opens SOAK_IDLE_N
 #   (10000) idle connections and reports RSS per idle connection and server
 #   CPU % over 10 s at rest; then the same with "warm" connections that each
 #   sent one line first.
@@ -39,6 +39,9 @@ SOAK_FLOODERS=${SOAK_FLOODERS:-3}
 SOAK_RESETTERS=${SOAK_RESETTERS:-2}
 SOAK_CHURNERS=${SOAK_CHURNERS:-2}
 SOAK_MAX_ERRORS=${SOAK_MAX_ERRORS:-0}
+# 0 = never: the idle connections must last the whole soak (the client counts
+# a connection the server closes as an error).
+SOAK_IDLE_TIMEOUT=${SOAK_IDLE_TIMEOUT:-0}
 
 case "$MODE" in soak | idle | all) ;; *)
     echo "usage: $0 [soak|idle|all]" >&2
@@ -70,11 +73,13 @@ rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0;
 hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 # utime + stime in clock ticks (fields 14 and 15; the comm field "(xps)" has no spaces).
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# CPU time of all threads in ns (schedstat), for finer resolution than ticks.
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }
 fd_count() { ls "/proc/$1/fd" 2>/dev/null | wc -l; }
 now_ns() { date +%s%N; }
 stat_of() { # stat_of KEY FILE -> value from the client's key=value line
     local v
-    v=$(tr ' ' '\n' <"$2" 2>/dev/null | awk -F= -v k="$1" '$1 == k { print $2 }')
+    v=$(tr ' ' '\n' 2>/dev/null <"$2" | awk -F= -v k="$1" '$1 == k { print $2 }')
     echo "${v:-0}"
 }
 
@@ -145,8 +150,11 @@ stop_server() {
 run_soak() {
     echo "== soak: ${SOAK_SECS}s, ${SOAK_IDLE} idle, ${SOAK_PIPELINERS} pipeliners, ${SOAK_FLOODERS} flooders" \
         "(<= ${SOAK_FLOOD_BYTES} B each), ${SOAK_RESETTERS} resetters, ${SOAK_CHURNERS} churners at ${SOAK_CHURN_RATE}/s"
-    start_server "$WORK/server.log" --idle-timeout 0
+    start_server "$WORK/server.log" --idle-timeout "$SOAK_IDLE_TIMEOUT"
     local pid=$SERVER_PID
+    local fds_start
+    fds_start=$(fd_count "$pid")
+    echo "server: $("$SERVER" --version) at $(git rev-parse --short HEAD 2>/dev/null || cat .sha 2>/dev/null || echo '?')"
     local stats=$WORK/stats
     "$CLIENT" --mode soak --ports "$PORTS" --secs "$SOAK_SECS" --stats "$stats" \
         --idle "$SOAK_IDLE" --pipeliners "$SOAK_PIPELINERS" --flooders "$SOAK_FLOODERS" \
@@ -200,6 +208,7 @@ run_soak() {
     total_ticks=$(cpu_ticks "$pid")
     kill -0 "$pid" 2>/dev/null || server_died=1
     local final_fds
+    sleep 1 # let the server see the client's last closes
     final_fds=$(fd_count "$pid")
     stop_server
 
@@ -212,7 +221,7 @@ run_soak() {
     echo "max RSS:        ${max_rss} kB sampled, ${hwm} kB VmHWM (peak)"
     echo "mean CPU:       $(awk -v s="$cpu_sum" -v n="$samples" 'BEGIN { printf "%.1f", n ? s / n : 0 }') % over $samples samples;" \
         "total $(awk -v t="$total_ticks" -v hz="$TCK" 'BEGIN { printf "%.1f", t / hz }') s CPU"
-    echo "fds at end:     $final_fds (idle connections still open: $(stat_of idle_open "$stats"))"
+    echo "server fds:     $final_fds after the client exited, $fds_start at start"
     echo "client:         exit $client_rc; $(cat "$WORK/client.out" 2>/dev/null)"
     echo "errors:         $errs (wrong replies: $mism)"
     if [[ -s "$WORK/client.err" ]]; then
@@ -238,7 +247,9 @@ run_soak() {
 measure_idle() {
     local label=$1
     shift
-    start_server "$WORK/idle-server.log" --idle-timeout 0 --max-connections 20000
+    # Default --idle-timeout (300 s), so the idle timers are part of the cost;
+    # the connections are held for less than that.
+    start_server "$WORK/idle-server.log" --max-connections 20000
     local pid=$SERVER_PID
     sleep 1
     local rss0 fds0
@@ -264,10 +275,13 @@ measure_idle() {
     local rss1 fds1 c0 c1 n0 n1
     rss1=$(rss_kb "$pid")
     fds1=$(fd_count "$pid")
+    local s0 s1
     c0=$(cpu_ticks "$pid")
+    s0=$(cpu_ns "$pid")
     n0=$(now_ns)
     sleep 10
     c1=$(cpu_ticks "$pid")
+    s1=$(cpu_ns "$pid")
     n1=$(now_ns)
     local rss2
     rss2=$(rss_kb "$pid")
@@ -280,7 +294,7 @@ measure_idle() {
     echo "   RSS with idle:     $rss1 kB (after 10 s more: $rss2 kB)"
     echo "   per connection:    $(awk -v a="$rss0" -v b="$rss1" -v n="$opened" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }') bytes"
     echo "   CPU at rest, 10 s: $(awk -v dc=$((c1 - c0)) -v dt=$((n1 - n0)) -v hz="$TCK" 'BEGIN { printf "%.2f", dc / hz / (dt / 1e9) * 100 }') %" \
-        "($((c1 - c0)) ticks of 1/${TCK} s)"
+        "($((c1 - c0)) ticks of 1/${TCK} s; schedstat: $(awk -v d=$((s1 - s0)) 'BEGIN { printf "%.3f", d / 1e6 }') ms of CPU)"
     echo "   client errors:     $(stat_of errors "$stats"); shutdown: $STOP_STATUS"
 }
 
