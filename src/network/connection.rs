@@ -378,23 +378,24 @@ impl Connection {
     }
 }
 
-/// Bytes waiting in the socket's receive queue (`ioctl(FIONREAD)`); 0 if
-/// the call fails.
+/// Bytes waiting in the socket's receive queue (`ioctl(FIONREAD)`).
 fn unread_bytes(stream: &TcpStream) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if rc == 0 { n.max(0) as usize } else { 0 }
+    queue_len(stream, libc::FIONREAD)
 }
 
 /// Bytes sent but not yet acknowledged by the peer, or not yet sent
-/// (`ioctl(TIOCOUTQ)`, a.k.a. SIOCOUTQ); 0 if the call fails.
+/// (`ioctl(TIOCOUTQ)`, a.k.a. SIOCOUTQ).
 fn unsent_bytes(stream: &TcpStream) -> usize {
+    queue_len(stream, libc::TIOCOUTQ)
+}
+
+/// One of the socket queue-length ioctls; 0 if the call fails.
+fn queue_len(stream: &TcpStream, request: libc::Ioctl) -> usize {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ writes one c_int through the pointer, which is valid.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    // SAFETY: FIONREAD and TIOCOUTQ write one c_int through the pointer,
+    // which points to a live local.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), request, &mut n) };
     if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
