@@ -4,7 +4,9 @@
 //!
 //! * byte 0: `max_line = byte % 64 + 1` (1..=64), small so that overlong-line
 //!   segmentation, CR at a segment edge and UTF-8 sequences cut by a segment
-//!   are all reached quickly;
+//!   are all reached quickly; from 0xC0 up, the server's default
+//!   (`DEFAULT_MAX_LINE`), so that whole lines of any fuzzed length are
+//!   reversed in one piece too;
 //! * byte 1: `n = byte % 16`, the number of chunk-size bytes that follow;
 //! * the next `n` bytes: chunk sizes (0..=255, used cyclically; a 0 feeds an
 //!   empty slice), i.e. the way TCP split the stream;
@@ -24,13 +26,17 @@
 
 use libfuzzer_sys::fuzz_target;
 use unicode_segmentation::UnicodeSegmentation;
-use xps::protocol::{LineReverser, reverse_stream};
+use xps::protocol::{DEFAULT_MAX_LINE, LineReverser, reverse_stream};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&b0, rest)) = data.split_first() else {
         return;
     };
-    let max_line = usize::from(b0 % 64) + 1;
+    let max_line = if b0 >= 0xC0 {
+        DEFAULT_MAX_LINE
+    } else {
+        usize::from(b0 % 64) + 1
+    };
     let (sizes, input): (&[u8], &[u8]) = match rest.split_first() {
         None => (&[], &[]),
         Some((&b1, rest)) => {
