@@ -42,6 +42,8 @@ SOAK_MAX_ERRORS=${SOAK_MAX_ERRORS:-0}
 # 0 = never: the idle connections must last the whole soak (the client counts
 # a connection the server closes as an error).
 SOAK_IDLE_TIMEOUT=${SOAK_IDLE_TIMEOUT:-0}
+# Extra server options for both modes, e.g. SOAK_SERVER_ARGS="--workers 2".
+SOAK_SERVER_ARGS=${SOAK_SERVER_ARGS:-}
 
 case "$MODE" in soak | idle | all) ;; *)
     echo "usage: $0 [soak|idle|all]" >&2
@@ -102,7 +104,8 @@ start_server() {
     local try i
     for try in 1 2 3; do
         PORTS=$(free_ports)
-        "$SERVER" --listen "127.0.0.1:${PORTS%,*}" --listen "127.0.0.1:${PORTS#*,}" "$@" 2>"$log" &
+        # shellcheck disable=SC2086 # SOAK_SERVER_ARGS is split on purpose
+        "$SERVER" --listen "127.0.0.1:${PORTS%,*}" --listen "127.0.0.1:${PORTS#*,}" "$@" $SOAK_SERVER_ARGS 2>"$log" &
         SERVER_PID=$!
         for i in $(seq 100); do
             if [[ $(grep -c "Server listening on port" "$log") -ge 2 ]]; then
@@ -154,7 +157,7 @@ run_soak() {
     local pid=$SERVER_PID
     local fds_start
     fds_start=$(fd_count "$pid")
-    echo "server: $("$SERVER" --version) at $(git rev-parse --short HEAD 2>/dev/null || cat .sha 2>/dev/null || echo '?')"
+    echo "server: $("$SERVER" --version) ${SOAK_SERVER_ARGS:+($SOAK_SERVER_ARGS) }at $(git rev-parse --short HEAD 2>/dev/null || cat .sha 2>/dev/null || echo '?')"
     local stats=$WORK/stats
     "$CLIENT" --mode soak --ports "$PORTS" --secs "$SOAK_SECS" --stats "$stats" \
         --idle "$SOAK_IDLE" --pipeliners "$SOAK_PIPELINERS" --flooders "$SOAK_FLOODERS" \
