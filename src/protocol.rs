@@ -67,6 +67,16 @@ impl LineReverser {
 
     /// Feeds the next bytes of the stream, appending every reply they complete
     /// to `out`. Replies are appended whole and in request order.
+    ///
+    /// ```
+    /// use xps::protocol::LineReverser;
+    /// let mut r = LineReverser::new(100);
+    /// let mut out = Vec::new();
+    /// r.feed(b"he", &mut out); // no LF yet: nothing to send
+    /// assert!(out.is_empty());
+    /// r.feed("llo\n\u{1F44B}\u{1F3FD}!\n".as_bytes(), &mut out);
+    /// assert_eq!(out, "olleh\n!\u{1F44B}\u{1F3FD}\n".as_bytes());
+    /// ```
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let mut rest = input;
         if !self.partial.is_empty() {
@@ -227,6 +237,14 @@ fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) {
 
 /// Convenience for tests, benchmarks and the fuzzer: the whole reply to a
 /// complete input stream that then half-closes.
+///
+/// ```
+/// use xps::protocol::reverse_stream;
+/// // CR LF is kept; the unterminated last line is answered without one.
+/// assert_eq!(reverse_stream(b"abc\r\nxy", 100), b"cba\r\nyx");
+/// // Lines longer than max_line come back in max_line-byte segments.
+/// assert_eq!(reverse_stream(b"abcdef\n", 4), b"dcbafe\n");
+/// ```
 pub fn reverse_stream(input: &[u8], max_line: usize) -> Vec<u8> {
     let mut r = LineReverser::new(max_line);
     let mut out = Vec::with_capacity(input.len());
