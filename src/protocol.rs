@@ -206,31 +206,45 @@ pub fn reverse_into(content: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Appends `bytes` in reverse order, in one pass: 16 bytes at a time are
-/// loaded from the end of the source as a `u128`, byte-swapped (one `bswap`
-/// pair or a vector shuffle) and stored at the front of the destination.
-/// (A copy followed by `<[u8]>::reverse` reads and writes everything twice.)
+/// loaded from the end of the source as a `u128`, byte-swapped (a `bswap`
+/// pair or a vector shuffle) and stored; the last few bytes one by one. (A
+/// copy followed by `<[u8]>::reverse` reads and writes everything twice.)
+///
+/// Two shapes of the same loop, chosen by length because each is fastest in
+/// its range (`cargo bench --bench protocol -- reverse_into/ascii`): short
+/// lines append word by word (no `memset`, which dominates a 64-byte line);
+/// long lines zero-extend the output once and fill it in place (no capacity
+/// check per word, so the loop vectorises).
 fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) {
-    const W: usize = 16;
+    const SHORT: usize = 128;
+    if bytes.len() < SHORT {
+        out.reserve(bytes.len());
+        let mut rest = bytes;
+        while let Some((head, word)) = rest.split_last_chunk::<16>() {
+            out.extend_from_slice(&u128::from_le_bytes(*word).swap_bytes().to_le_bytes());
+            rest = head;
+        }
+        if let Some((head, word)) = rest.split_last_chunk::<8>() {
+            out.extend_from_slice(&u64::from_le_bytes(*word).swap_bytes().to_le_bytes());
+            rest = head;
+        }
+        out.extend(rest.iter().rev());
+        return;
+    }
     let start = out.len();
     out.resize(start + bytes.len(), 0);
-    let dst = &mut out[start..];
-    let mut src = bytes.rchunks_exact(W);
-    let mut dst_chunks = dst.chunks_exact_mut(W);
-    for (d, s) in (&mut dst_chunks).zip(&mut src) {
-        let word = u128::from_le_bytes(s.try_into().expect("chunk of W bytes"));
+    let mut dst = out[start..].chunks_exact_mut(16);
+    let mut src = bytes.rchunks_exact(16);
+    for (d, s) in (&mut dst).zip(&mut src) {
+        let word = u128::from_le_bytes(s.try_into().expect("a 16-byte chunk"));
         d.copy_from_slice(&word.swap_bytes().to_le_bytes());
     }
-    // The first `len % W` source bytes go, reversed, to the last places:
-    // 8 at a time, then one by one.
-    let mut d = dst_chunks.into_remainder();
-    let mut s = src.remainder();
-    if s.len() >= 8 {
-        let word = u64::from_le_bytes(s[s.len() - 8..].try_into().expect("8 bytes"));
-        d[..8].copy_from_slice(&word.swap_bytes().to_le_bytes());
-        d = &mut d[8..];
-        s = &s[..s.len() - 8];
-    }
-    for (d, s) in d.iter_mut().zip(s.iter().rev()) {
+    // The first `len % 16` source bytes go, reversed, to the last places.
+    for (d, s) in dst
+        .into_remainder()
+        .iter_mut()
+        .zip(src.remainder().iter().rev())
+    {
         *d = *s;
     }
 }
@@ -401,7 +415,7 @@ mod tests {
 
     #[test]
     fn byte_reversal_of_every_length() {
-        for len in 0..100usize {
+        for len in 0..300usize {
             let line: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
             let mut out = vec![b'#'];
             push_reversed_bytes(&line, &mut out);
