@@ -26,7 +26,9 @@
 //!   budget, the connection cap, or an fd/memory back-off). Retried next
 //!   turn, when a connection closes, or when the back-off ends.
 //! * `timers`: a min-heap of idle deadlines, re-armed lazily (see
-//!   [`Core::expire_idle`]).
+//!   [`Core::expire_idle`]); a timerfd ([`LoopTimer`]) armed for the
+//!   earliest one wakes the loop, so `epoll_wait` itself needs no timeout
+//!   while the server is busy (see `LoopTimer` for why that matters).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -39,7 +41,7 @@ use mio::event::Event;
 use mio::{Interest, Token};
 use slab::Slab;
 
-use crate::event_loop::{Handler, LoopHandle};
+use crate::event_loop::{Handler, LoopHandle, LoopTimer};
 use crate::network::connection::{CloseReason, Connection, Scratch, Status};
 use crate::network::listener::{AcceptVerdict, Listener, classify_accept_error};
 use crate::utils::logger::Level;
@@ -47,6 +49,8 @@ use crate::xps_log;
 
 /// Token of the waker that tells a worker to shut down.
 pub const WAKER: Token = Token(usize::MAX);
+/// Token of the idle-timeout timer.
+pub const TIMER: Token = Token(usize::MAX - 1);
 /// Listener `i` is registered with token `LISTENER_BASE + i`.
 pub const LISTENER_BASE: usize = usize::MAX / 2;
 /// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM (unless a
@@ -113,7 +117,10 @@ pub struct Core {
     /// The loop's clock, read once per turn.
     now: Instant,
     /// Idle deadlines: (deadline, slab key, connection id), earliest first.
+    /// The loop is woken for the earliest by `timer`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Fires at the earliest idle deadline (`None` without an idle timeout).
+    timer: Option<LoopTimer>,
     /// Connections to drive again next turn: (slab key, connection id).
     deferred: Vec<(usize, u64)>,
     /// When shutdown began, the time by which it must end.
@@ -147,7 +154,12 @@ impl Core {
                 ready: true,
             });
         }
+        let timer = match limits.idle_timeout {
+            Some(_) => Some(LoopTimer::create(&handle, TIMER)?),
+            None => None,
+        };
         Ok(Core {
+            timer,
             handle,
             listeners: slots,
             connections: Slab::new(),
@@ -440,7 +452,9 @@ impl Core {
         let mut earliest = |t: Instant| {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         };
-        if let Some(Reverse((t, _, _))) = self.timers.peek() {
+        // Idle deadlines wake the loop through `timer`; only without one
+        // (it could not be armed) do they shorten the wait.
+        if let (None, Some(Reverse((t, _, _)))) = (&self.timer, self.timers.peek()) {
             earliest(*t);
         }
         let at_cap = self.shared.open.load(Ordering::Relaxed) >= self.limits.max_connections;
@@ -467,6 +481,12 @@ impl Handler for Core {
         if token == WAKER {
             return; // the stop flag is read in after_events
         }
+        if token == TIMER {
+            if let Some(timer) = &mut self.timer {
+                timer.fired(); // expire_idle runs in after_events
+            }
+            return;
+        }
         if token.0 >= LISTENER_BASE {
             let li = token.0 - LISTENER_BASE;
             if let Some(slot) = self.listeners.get_mut(li) {
@@ -490,6 +510,17 @@ impl Handler for Core {
         }
         self.run_deferred();
         self.expire_idle();
+        if let (Some(timer), Some(Reverse((deadline, _, _)))) =
+            (&mut self.timer, self.timers.peek())
+            && let Err(e) = timer.arm_at(*deadline, self.now)
+        {
+            xps_log!(
+                Level::Warning,
+                "xps_core_timer()",
+                "timerfd_settime() failed ({e}); idle deadlines now shorten epoll waits"
+            );
+            self.timer = None;
+        }
         if let Some(deadline) = self.shutdown_deadline {
             let lingering: Vec<usize> = self
                 .connections

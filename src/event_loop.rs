@@ -120,3 +120,96 @@ impl LoopHandle {
         self.registry.deregister(source)
     }
 }
+
+/// A one-shot timer the loop can wait on like a socket: a Linux `timerfd`
+/// registered in the epoll set.
+///
+/// Why not just pass a timeout to `epoll_wait`? Because every wait that
+/// sleeps with a finite timeout arms and cancels a kernel high-resolution
+/// timer, and on a virtual machine programming that timer is a trap to the
+/// hypervisor. The idle-timeout deadline is almost always minutes away, so
+/// paying for it on every wait was measurable (about a tenth of the server's
+/// CPU per line in `lines C=64 P=16`). A timerfd is re-armed only when the
+/// earliest deadline changes, and the loop otherwise waits with no timeout.
+pub struct LoopTimer {
+    /// The timerfd (CLOCK_MONOTONIC, non-blocking, close-on-exec).
+    fd: std::os::fd::OwnedFd,
+    /// The deadline it is armed for, if any.
+    armed: Option<std::time::Instant>,
+}
+
+impl LoopTimer {
+    /// Creates the timer and attaches it to the loop behind `handle`.
+    pub fn create(handle: &LoopHandle, token: Token) -> io::Result<LoopTimer> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: plain syscall; a non-negative result is a new fd we own.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a valid fd that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        handle.attach(
+            &mut mio::unix::SourceFd(&fd.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        Ok(LoopTimer { fd, armed: None })
+    }
+
+    /// Makes the timer fire at `deadline` (CLOCK_MONOTONIC, like `Instant`),
+    /// unless it is already armed for exactly that. `now` is the loop's clock.
+    pub fn arm_at(
+        &mut self,
+        deadline: std::time::Instant,
+        now: std::time::Instant,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        if self.armed == Some(deadline) {
+            return Ok(());
+        }
+        // A zero it_value would disarm: fire in 1 ns instead.
+        let after = deadline
+            .saturating_duration_since(now)
+            .max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: valid fd, valid pointer to a local itimerspec, null old.
+        let rc =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.armed = Some(deadline);
+        Ok(())
+    }
+
+    /// Call when the timer's event arrives: clears its readiness and notes
+    /// that it is no longer armed.
+    pub fn fired(&mut self) {
+        use std::os::fd::AsRawFd;
+        let mut expirations = [0u8; 8];
+        // SAFETY: valid fd, valid 8-byte buffer. EAGAIN (already read) is fine.
+        let _ = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                expirations.as_mut_ptr().cast(),
+                expirations.len(),
+            )
+        };
+        self.armed = None;
+    }
+}
