@@ -193,7 +193,7 @@ impl Connection {
         self.pending.len() - self.sent
     }
 
-    /// Whether this connection has nothing to send (for the idle timeout).
+    /// Whether replies are waiting for the socket.
     pub fn has_pending(&self) -> bool {
         self.pending_len() > 0
     }
@@ -201,7 +201,8 @@ impl Connection {
     /// Shutdown: read only what had reached the kernel by now (even if flow
     /// control must pause and resume to get through it), answer it, then
     /// close. Bytes sent after this moment are not answered, nor is an
-    /// unterminated last line (the client has not finished it).
+    /// unterminated last line (the client has not finished it) — unless the
+    /// client's half-close is among the bytes already received.
     pub fn begin_shutdown(&mut self) {
         self.shutting_down = true;
         self.unread_at_shutdown = unread_bytes(&self.stream);
