@@ -39,7 +39,8 @@ pub const MAX_WORKERS: usize = 1024;
 listens on several ports at once and answers every line with the line reversed.\n\n\
 Without a CONFIG or --listen it listens on 0.0.0.0:8001, 0.0.0.0:8002 and 0.0.0.0:8003.",
     after_help = "Exit status: 0 after a clean shutdown (SIGINT/SIGTERM), 1 when a listener \
-cannot be opened, 2 for a bad config file or bad options."
+cannot be opened, 2 for a bad config file or bad options, 128+N when a second signal N \
+cuts a graceful shutdown short."
 )]
 pub struct Cli {
     /// eXpServer JSON config file (xps_config.json): every listener of every
