@@ -187,49 +187,82 @@ fn emit_line(raw: &[u8], terminated: bool, max_line: usize, out: &mut Vec<u8>) {
 /// Appends `content` reversed to `out`: by bytes for ASCII (the fast path), by
 /// extended grapheme clusters for other valid UTF-8, by bytes otherwise.
 pub fn reverse_into(content: &[u8], out: &mut Vec<u8>) {
-    if content.is_ascii() {
+    // Reverse by bytes first, noting on the way whether any byte was
+    // non-ASCII: one pass instead of an `is_ascii` pass plus a copy pass.
+    let start = out.len();
+    if push_reversed_bytes(content, out) {
         // In ASCII every byte is its own grapheme cluster (CR LF, the one
         // exception, cannot occur inside a line), so this equals the
         // grapheme reversal.
-        push_reversed_bytes(content, out);
         return;
     }
-    match std::str::from_utf8(content) {
-        Ok(text) => {
-            out.reserve(content.len());
-            for g in text.graphemes(true).rev() {
-                out.extend_from_slice(g.as_bytes());
-            }
+    if let Ok(text) = std::str::from_utf8(content) {
+        out.truncate(start);
+        for g in text.graphemes(true).rev() {
+            out.extend_from_slice(g.as_bytes());
         }
-        Err(_) => push_reversed_bytes(content, out),
     }
+    // Otherwise not UTF-8: the byte reversal already written stands.
 }
 
-/// Appends `bytes` in reverse order, in one pass: 16 bytes at a time are
-/// loaded from the end of the source as a `u128`, byte-swapped (a `bswap`
-/// pair or a vector shuffle) and stored; the last few bytes one by one. (A
-/// copy followed by `<[u8]>::reverse` reads and writes everything twice.)
+/// Mask of the high bit of every byte of a `u128`: zero in ASCII.
+const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
+
+/// Appends `bytes` in reverse order, in one pass, and returns whether they
+/// were all ASCII. 16 bytes at a time are loaded from the end of the source
+/// as a `u128`, byte-swapped (a `bswap` pair or a vector shuffle) and stored;
+/// the last few bytes one by one. (A copy followed by `<[u8]>::reverse`
+/// reads and writes everything twice.)
 ///
 /// Two shapes of the same loop, chosen by length because each is fastest in
 /// its range (`cargo bench --bench protocol -- reverse_into/ascii`): short
-/// lines append word by word (no `memset`, which dominates a 64-byte line);
-/// long lines zero-extend the output once and fill it in place (no capacity
-/// check per word, so the loop vectorises).
-fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+/// lines are reversed into a stack buffer and appended with one copy (no
+/// `memset` and no capacity check per word, which dominate a 64-byte line);
+/// long lines zero-extend the output once and fill it in place (the loop
+/// vectorises).
+fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) -> bool {
     const SHORT: usize = 128;
+    let mut seen: u128 = 0;
     if bytes.len() < SHORT {
-        out.reserve(bytes.len());
+        let mut buf = [0u8; SHORT];
+        let mut at = 0;
         let mut rest = bytes;
         while let Some((head, word)) = rest.split_last_chunk::<16>() {
-            out.extend_from_slice(&u128::from_le_bytes(*word).swap_bytes().to_le_bytes());
+            let w = u128::from_le_bytes(*word);
+            seen |= w;
+            buf[at..at + 16].copy_from_slice(&w.swap_bytes().to_le_bytes());
+            at += 16;
             rest = head;
         }
+        // The tail (< 16 bytes) in at most four more steps: 8, 4, 2, 1.
         if let Some((head, word)) = rest.split_last_chunk::<8>() {
-            out.extend_from_slice(&u64::from_le_bytes(*word).swap_bytes().to_le_bytes());
+            let w = u64::from_le_bytes(*word);
+            seen |= u128::from(w);
+            buf[at..at + 8].copy_from_slice(&w.swap_bytes().to_le_bytes());
+            at += 8;
             rest = head;
         }
-        out.extend(rest.iter().rev());
-        return;
+        if let Some((head, word)) = rest.split_last_chunk::<4>() {
+            let w = u32::from_le_bytes(*word);
+            seen |= u128::from(w);
+            buf[at..at + 4].copy_from_slice(&w.swap_bytes().to_le_bytes());
+            at += 4;
+            rest = head;
+        }
+        if let Some((head, word)) = rest.split_last_chunk::<2>() {
+            let w = u16::from_le_bytes(*word);
+            seen |= u128::from(w);
+            buf[at..at + 2].copy_from_slice(&w.swap_bytes().to_le_bytes());
+            at += 2;
+            rest = head;
+        }
+        if let [b] = rest {
+            seen |= u128::from(*b);
+            buf[at] = *b;
+            at += 1;
+        }
+        out.extend_from_slice(&buf[..at]);
+        return seen & HIGH_BITS == 0;
     }
     let start = out.len();
     out.resize(start + bytes.len(), 0);
@@ -237,6 +270,7 @@ fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     let mut src = bytes.rchunks_exact(16);
     for (d, s) in (&mut dst).zip(&mut src) {
         let word = u128::from_le_bytes(s.try_into().expect("a 16-byte chunk"));
+        seen |= word;
         d.copy_from_slice(&word.swap_bytes().to_le_bytes());
     }
     // The first `len % 16` source bytes go, reversed, to the last places.
@@ -245,8 +279,10 @@ fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) {
         .iter_mut()
         .zip(src.remainder().iter().rev())
     {
+        seen |= u128::from(*s);
         *d = *s;
     }
+    seen & HIGH_BITS == 0
 }
 
 /// Convenience for tests, benchmarks and the fuzzer: the whole reply to a
@@ -418,7 +454,19 @@ mod tests {
         for len in 0..300usize {
             let line: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
             let mut out = vec![b'#'];
-            push_reversed_bytes(&line, &mut out);
+            let ascii = push_reversed_bytes(&line, &mut out);
+            assert_eq!(ascii, line.is_ascii(), "len {len}");
+            // The ASCII verdict, at every length and every position.
+            let mut text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            assert!(push_reversed_bytes(&text, &mut Vec::new()), "len {len}");
+            for pos in 0..len {
+                text[pos] = 0x80;
+                assert!(
+                    !push_reversed_bytes(&text, &mut Vec::new()),
+                    "len {len} at {pos}"
+                );
+                text[pos] = b'a';
+            }
             let mut want = line.clone();
             want.reverse();
             assert_eq!(out[0], b'#');
