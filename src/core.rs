@@ -177,11 +177,6 @@ impl Core {
         })
     }
 
-    /// Number of open connections in this worker.
-    pub fn connection_count(&self) -> usize {
-        self.connections.len()
-    }
-
     /// `xps_listener_connection_handler()`: accepts until the backlog is
     /// empty, the turn's budget is spent, the connection cap is reached, or
     /// the OS runs out of descriptors or memory.

@@ -170,11 +170,6 @@ impl Connection {
         }
     }
 
-    /// The socket, for the core to attach to its loop.
-    pub fn stream_mut(&mut self) -> &mut TcpStream {
-        &mut self.stream
-    }
-
     /// Records what an epoll event reported.
     pub fn note_event(&mut self, event: &Event) {
         if event.is_readable() || event.is_read_closed() || event.is_error() {

@@ -5,7 +5,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -269,8 +268,4 @@ pub fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
 /// half-close), from the library's pure protocol module.
 pub fn expected(input: &[u8], max_line: usize) -> Vec<u8> {
     xps::protocol::reverse_stream(input, max_line)
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
