@@ -123,6 +123,10 @@ pub struct Core {
     timer: Option<LoopTimer>,
     /// Connections to drive again next turn: (slab key, connection id).
     deferred: Vec<(usize, u64)>,
+    /// The other half of `deferred`'s double buffer: the batch being run is
+    /// swapped out of `deferred`, so passes can queue new work without
+    /// allocating.
+    deferred_spare: Vec<(usize, u64)>,
     /// When shutdown began, the time by which it must end.
     shutdown_deadline: Option<Instant>,
     /// `run` returns when set.
@@ -170,6 +174,7 @@ impl Core {
             now: Instant::now(),
             timers: BinaryHeap::new(),
             deferred: Vec::new(),
+            deferred_spare: Vec::new(),
             shutdown_deadline: None,
             stopped: false,
             accept_warned: None,
@@ -409,18 +414,15 @@ impl Core {
 
     /// Runs deferred connection passes and listener retries.
     fn run_deferred(&mut self) {
-        let batch = std::mem::take(&mut self.deferred);
-        for (key, id) in &batch {
-            if self.connections.get(*key).is_some_and(|c| c.id == *id) {
-                self.drive(*key);
+        let mut batch = std::mem::take(&mut self.deferred_spare);
+        std::mem::swap(&mut batch, &mut self.deferred);
+        for &(key, id) in &batch {
+            if self.connections.get(key).is_some_and(|c| c.id == id) {
+                self.drive(key);
             }
         }
-        // Reuse the allocation next turn.
-        let mut batch = batch;
         batch.clear();
-        if self.deferred.is_empty() {
-            self.deferred = batch;
-        }
+        self.deferred_spare = batch;
         for li in 0..self.listeners.len() {
             let slot = &mut self.listeners[li];
             if let Some(until) = slot.listener.paused_until {
@@ -466,7 +468,7 @@ impl Core {
                 None => return Some(Duration::ZERO),
             }
         }
-        wake.map(|t| t.saturating_duration_since(Instant::now()))
+        wake.map(|t| t.saturating_duration_since(self.now))
     }
 }
 
