@@ -227,40 +227,29 @@ fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) -> bool {
         let mut buf = [0u8; SHORT];
         let mut at = 0;
         let mut rest = bytes;
-        while let Some((head, word)) = rest.split_last_chunk::<16>() {
-            let w = u128::from_le_bytes(*word);
-            seen |= w;
-            buf[at..at + 16].copy_from_slice(&w.swap_bytes().to_le_bytes());
-            at += 16;
-            rest = head;
+        // Moves the last $n bytes of `rest`, reversed, to `buf[at..]` as one
+        // byte-swapped word; says whether there were $n bytes to move.
+        macro_rules! step {
+            ($n:literal, $word:ty) => {
+                if let Some((head, word)) = rest.split_last_chunk::<$n>() {
+                    let w = <$word>::from_le_bytes(*word);
+                    seen |= u128::from(w);
+                    buf[at..at + $n].copy_from_slice(&w.swap_bytes().to_le_bytes());
+                    at += $n;
+                    rest = head;
+                    true
+                } else {
+                    false
+                }
+            };
         }
+        while step!(16, u128) {}
         // The tail (< 16 bytes) in at most four more steps: 8, 4, 2, 1.
-        if let Some((head, word)) = rest.split_last_chunk::<8>() {
-            let w = u64::from_le_bytes(*word);
-            seen |= u128::from(w);
-            buf[at..at + 8].copy_from_slice(&w.swap_bytes().to_le_bytes());
-            at += 8;
-            rest = head;
-        }
-        if let Some((head, word)) = rest.split_last_chunk::<4>() {
-            let w = u32::from_le_bytes(*word);
-            seen |= u128::from(w);
-            buf[at..at + 4].copy_from_slice(&w.swap_bytes().to_le_bytes());
-            at += 4;
-            rest = head;
-        }
-        if let Some((head, word)) = rest.split_last_chunk::<2>() {
-            let w = u16::from_le_bytes(*word);
-            seen |= u128::from(w);
-            buf[at..at + 2].copy_from_slice(&w.swap_bytes().to_le_bytes());
-            at += 2;
-            rest = head;
-        }
-        if let [b] = rest {
-            seen |= u128::from(*b);
-            buf[at] = *b;
-            at += 1;
-        }
+        step!(8, u64);
+        step!(4, u32);
+        step!(2, u16);
+        step!(1, u8);
+        debug_assert!(rest.is_empty());
         out.extend_from_slice(&buf[..at]);
         return seen & HIGH_BITS == 0;
     }
