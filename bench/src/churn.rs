@@ -3,7 +3,7 @@
 //! latency from the connect call to the complete reply.
 
 use std::io::{self, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
@@ -177,15 +177,7 @@ pub fn run(args: &Args) -> io::Result<Report> {
             break;
         }
         let next = if measuring { end } else { warm_end };
-        let timeout = next
-            .saturating_duration_since(now)
-            .min(Duration::from_millis(100));
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        net::wait(&mut poll, &mut events, next.saturating_duration_since(now))?;
         for ev in events.iter() {
             let i = ev.token().0;
             let Some(x) = slots[i].as_mut() else { continue };

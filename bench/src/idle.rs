@@ -5,12 +5,12 @@
 //! server's RSS before and while holding them.
 
 use std::io::{self, Read};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::{Events, Poll, Token};
 
 use crate::churn::{Exchange, Step};
-use crate::net::Connector;
+use crate::net::{Connector, wait};
 use crate::pattern::{K, Patterns};
 use crate::report::{self, Errors, Report};
 use crate::sys::{self, CpuMeter};
@@ -201,13 +201,6 @@ pub fn run(args: &Args) -> io::Result<Report> {
         eprintln!("xps-bench: {verified} of {c} connections open and verified at the end");
     }
     Ok(rep)
-}
-
-fn wait(poll: &mut Poll, events: &mut Events, left: Duration) -> io::Result<()> {
-    match poll.poll(events, Some(left.min(Duration::from_millis(100)))) {
-        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-        _ => Ok(()),
-    }
 }
 
 fn fail(poll: &Poll, x: &mut Option<Exchange>, st: &mut State) {

@@ -91,3 +91,20 @@ pub fn connected(s: &TcpStream) -> io::Result<bool> {
         Err(e) => Err(e),
     }
 }
+
+/// Waits for events for at most `left`, capped at 100 ms so the caller's
+/// clock checks stay frequent. An interrupted wait is not an error: it just
+/// returns with no events (mio clears `events` before waiting).
+pub fn wait(
+    poll: &mut mio::Poll,
+    events: &mut mio::Events,
+    left: std::time::Duration,
+) -> io::Result<()> {
+    match poll.poll(
+        events,
+        Some(left.min(std::time::Duration::from_millis(100))),
+    ) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+        _ => Ok(()),
+    }
+}

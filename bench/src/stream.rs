@@ -9,13 +9,13 @@
 //! steady state allocates nothing.
 
 use std::io::{self, Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::net::Connector;
+use crate::net::{self, Connector};
 use crate::pattern::Patterns;
 use crate::report::{self, Errors, Report};
 use crate::sys::{self, CpuMeter};
@@ -111,15 +111,7 @@ pub fn run(args: &Args) -> io::Result<Report> {
             break;
         }
         let next = if ctx.measuring { end } else { warm_end };
-        let timeout = next
-            .saturating_duration_since(now)
-            .min(Duration::from_millis(100));
-        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+        net::wait(&mut poll, &mut events, next.saturating_duration_since(now))?;
         for ev in events.iter() {
             let c = &mut conns[ev.token().0];
             if c.dead {
