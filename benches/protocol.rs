@@ -134,10 +134,9 @@ fn bench_reverse_into(c: &mut Criterion) {
             let l = line(kind, len);
             let content = &l[..l.len() - 1];
             group.throughput(Throughput::Bytes(content.len() as u64));
-            let mut out = Vec::with_capacity(content.len());
+            let mut out = vec![0; content.len()];
             group.bench_with_input(BenchmarkId::from_parameter(name), content, |b, content| {
                 b.iter(|| {
-                    out.clear();
                     reverse_into(black_box(content), &mut out);
                     black_box(&out);
                 });

@@ -78,36 +78,61 @@ impl LineReverser {
     /// assert_eq!(out, "olleh\n!\u{1F44B}\u{1F3FD}\n".as_bytes());
     /// ```
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        let lf = find_lf(input);
+        if lf.is_none() && self.partial.len() + input.len() <= self.max_line {
+            // The line goes on and is not overlong yet: nothing to answer.
+            self.partial.extend_from_slice(input);
+            return;
+        }
+        // Every reply is exactly as long as the bytes it answers, and each
+        // byte is answered at most once: the replies to this call fit in
+        // (held + new) bytes. Size the output once, fill it in place, cut
+        // it to what was written.
+        let start = out.len();
+        out.resize(start + self.partial.len() + input.len(), 0);
+        let mut sink = Sink {
+            buf: &mut out[start..],
+            len: 0,
+        };
+        self.feed_into(input, lf, &mut sink);
+        let written = sink.len;
+        out.truncate(start + written);
+    }
+
+    /// [`Self::feed`] into the sized output; `lf` is the first LF of `input`.
+    fn feed_into(&mut self, input: &[u8], mut lf: Option<usize>, out: &mut Sink<'_>) {
         let mut rest = input;
         if !self.partial.is_empty() {
             // Finish the line already started.
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    self.push_unterminated(&rest[..i], out);
-                    emit_line(&self.partial, true, self.max_line, out);
-                    self.partial.clear();
-                    rest = &rest[i + 1..];
-                }
-                None => {
-                    self.push_unterminated(rest, out);
-                    return;
-                }
-            }
+            let Some(i) = lf else {
+                self.push_unterminated(rest, out);
+                return;
+            };
+            self.push_unterminated(&rest[..i], out);
+            emit_line(&self.partial, true, self.max_line, out);
+            self.partial.clear();
+            rest = &rest[i + 1..];
+            lf = find_lf(rest);
         }
         // Whole lines straight from the input, without copying them.
-        let mut start = 0;
-        for i in memchr::memchr_iter(b'\n', rest) {
-            emit_line(&rest[start..i], true, self.max_line, out);
-            start = i + 1;
+        while let Some(i) = lf {
+            let line = &rest[..i];
+            if line.len() <= self.max_line {
+                answer_line(line, out.take(i + 1));
+            } else {
+                emit_line(line, true, self.max_line, out);
+            }
+            rest = &rest[i + 1..];
+            lf = find_lf(rest);
         }
-        self.push_unterminated(&rest[start..], out);
+        self.push_unterminated(rest, out);
         self.release_if_large();
     }
 
     /// Adds bytes of a line whose LF has not arrived, cutting a segment each
     /// time more than `max_line` bytes are held. `partial` never grows past
     /// `max_line`: segments are cut from the input as it comes.
-    fn push_unterminated(&mut self, mut bytes: &[u8], out: &mut Vec<u8>) {
+    fn push_unterminated(&mut self, mut bytes: &[u8], out: &mut Sink<'_>) {
         while self.partial.len() + bytes.len() > self.max_line {
             if self.partial.is_empty() {
                 let keep = emit_segments(bytes, self.max_line, out);
@@ -117,7 +142,7 @@ impl LineReverser {
             let need = self.max_line - self.partial.len();
             self.partial.extend_from_slice(&bytes[..need]);
             bytes = &bytes[need..];
-            reverse_into(&self.partial, out);
+            reverse_into(&self.partial, out.take(self.max_line));
             self.partial.clear();
         }
         self.partial.extend_from_slice(bytes);
@@ -127,7 +152,9 @@ impl LineReverser {
     /// line, if any, without a terminator.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if !self.partial.is_empty() {
-            reverse_into(&self.partial, out);
+            let start = out.len();
+            out.resize(start + self.partial.len(), 0);
+            reverse_into(&self.partial, &mut out[start..]);
             self.partial = Vec::new();
         }
     }
@@ -151,12 +178,88 @@ impl LineReverser {
     }
 }
 
+/// The unwritten rest of an output region sized in advance; replies are
+/// written front to back.
+struct Sink<'a> {
+    /// The whole region.
+    buf: &'a mut [u8],
+    /// Bytes written so far.
+    len: usize,
+}
+
+impl Sink<'_> {
+    /// The next `n` bytes of the region, to be filled by the caller.
+    fn take(&mut self, n: usize) -> &mut [u8] {
+        let at = self.len;
+        self.len += n;
+        &mut self.buf[at..at + n]
+    }
+}
+
+/// Position of the first LF in `bytes`.
+///
+/// Most lines are short, and for them `memchr`'s set-up (a call through a
+/// function pointer, alignment handling for 32-byte vectors) costs more than
+/// the search: on x86-64 the first 64 bytes are searched here with SSE2 (one
+/// mask for all 64, so a 64-byte line costs one test, not four), and
+/// `memchr` takes over only for longer lines, where its wider vectors win.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn find_lf(bytes: &[u8]) -> Option<usize> {
+    const INLINE_SCAN: usize = 64;
+    if let Some(block) = bytes.first_chunk::<INLINE_SCAN>() {
+        let mut mask = 0u64;
+        for (k, chunk) in block.chunks_exact(16).enumerate() {
+            mask |= u64::from(lf_mask(chunk.try_into().expect("16 bytes"))) << (16 * k);
+        }
+        if mask != 0 {
+            return Some(mask.trailing_zeros() as usize);
+        }
+        return memchr::memchr(b'\n', &bytes[INLINE_SCAN..]).map(|i| INLINE_SCAN + i);
+    }
+    // Fewer than 64 bytes: 16 at a time, the last chunk padded with zeros
+    // (which are not LF).
+    for (k, chunk) in bytes.chunks(16).enumerate() {
+        let mut padded = [0u8; 16];
+        padded[..chunk.len()].copy_from_slice(chunk);
+        let mask = lf_mask(&padded);
+        if mask != 0 {
+            return Some(16 * k + mask.trailing_zeros() as usize);
+        }
+    }
+    None
+}
+
+/// Bit `i` set where byte `i` of `chunk` is LF (SSE2 `pcmpeqb` + `pmovmskb`).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lf_mask(chunk: &[u8; 16]) -> u16 {
+    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_movemask_epi8, _mm_set_epi64x, _mm_set1_epi8};
+    let (lo, hi) = chunk.split_at(8);
+    let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
+    let hi = u64::from_le_bytes(hi.try_into().expect("8 bytes"));
+    // SAFETY: SSE2 is part of the x86-64 baseline, so these intrinsics are
+    // always available; none of them touches memory.
+    let mask = unsafe {
+        let v = _mm_set_epi64x(hi as i64, lo as i64);
+        _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8)))
+    };
+    mask as u16
+}
+
+/// Position of the first LF in `bytes`.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn find_lf(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr(b'\n', bytes)
+}
+
 /// Cuts `max_line`-byte segments off the front of `raw` (bytes of a line with
-/// no LF yet) while more than `max_line` bytes remain, appending each reversed
+/// no LF yet) while more than `max_line` bytes remain, writing each reversed
 /// segment to `out`. Returns how many bytes at the end were not emitted.
-fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Vec<u8>) -> usize {
+fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Sink<'_>) -> usize {
     while raw.len() > max_line {
-        reverse_into(&raw[..max_line], out);
+        reverse_into(&raw[..max_line], out.take(max_line));
         raw = &raw[max_line..];
     }
     raw.len()
@@ -165,113 +268,124 @@ fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Vec<u8>) -> usize {
 /// Emits one whole line: `raw` is everything before the LF (a trailing CR
 /// included). Overlong lines go out in segments exactly as [`LineReverser::feed`]
 /// would have cut them while streaming.
-fn emit_line(raw: &[u8], terminated: bool, max_line: usize, out: &mut Vec<u8>) {
+fn emit_line(raw: &[u8], terminated: bool, max_line: usize, out: &mut Sink<'_>) {
     let keep = emit_segments(raw, max_line, out);
     let raw = &raw[raw.len() - keep..];
-    if !terminated {
-        reverse_into(raw, out);
-        return;
-    }
-    match raw.split_last() {
-        Some((b'\r', content)) => {
-            reverse_into(content, out);
-            out.extend_from_slice(b"\r\n");
-        }
-        _ => {
-            reverse_into(raw, out);
-            out.push(b'\n');
-        }
+    if terminated {
+        answer_line(raw, out.take(raw.len() + 1));
+    } else {
+        reverse_into(raw, out.take(raw.len()));
     }
 }
 
-/// Appends `content` reversed to `out`: by bytes for ASCII (the fast path), by
-/// extended grapheme clusters for other valid UTF-8, by bytes otherwise.
-pub fn reverse_into(content: &[u8], out: &mut Vec<u8>) {
+/// The reply to a line short enough to need no cutting: `raw` is the line
+/// before its LF, `reply` has room for it and the LF. Inlined into the loop
+/// over the lines of a read, the hot path.
+#[inline(always)]
+fn answer_line(raw: &[u8], reply: &mut [u8]) {
+    // The reply ends as the request did: LF, or CR LF.
+    reply[raw.len()] = b'\n';
+    let content = match raw.split_last() {
+        Some((b'\r', content)) => {
+            reply[content.len()] = b'\r';
+            content
+        }
+        _ => raw,
+    };
+    // `reverse_into`, with the byte reversal inlined here.
+    let body = &mut reply[..content.len()];
+    if !reverse_bytes(content, body) {
+        reverse_non_ascii(content, body);
+    }
+}
+
+/// Writes `content` reversed to `dst`, which has the same length: by bytes
+/// for ASCII (the fast path), by extended grapheme clusters for other valid
+/// UTF-8, by bytes otherwise.
+///
+/// ```
+/// let mut dst = [0u8; 8];
+/// xps::protocol::reverse_into("añb!".as_bytes(), &mut dst[..5]);
+/// assert_eq!(&dst[..5], "!bña".as_bytes());
+/// ```
+///
+/// # Panics
+///
+/// If `dst` is not as long as `content`.
+pub fn reverse_into(content: &[u8], dst: &mut [u8]) {
+    assert_eq!(content.len(), dst.len(), "reverse_into: lengths differ");
     // Reverse by bytes first, noting on the way whether any byte was
     // non-ASCII: one pass instead of an `is_ascii` pass plus a copy pass.
-    let start = out.len();
-    if push_reversed_bytes(content, out) {
-        // In ASCII every byte is its own grapheme cluster (CR LF, the one
-        // exception, cannot occur inside a line), so this equals the
-        // grapheme reversal.
+    // In ASCII every byte is its own grapheme cluster (CR LF, the one
+    // exception, cannot occur inside a line), so that is the answer.
+    if !reverse_bytes(content, dst) {
+        reverse_non_ascii(content, dst);
+    }
+}
+
+/// [`reverse_into`] for content that is not all ASCII, after the byte
+/// reversal: valid UTF-8 is redone by extended grapheme clusters; for
+/// anything else the byte reversal stands. Kept out of line, so that the
+/// segmenter's state does not make every ASCII line save and restore
+/// registers.
+#[inline(never)]
+fn reverse_non_ascii(content: &[u8], dst: &mut [u8]) {
+    let Ok(text) = std::str::from_utf8(content) else {
         return;
+    };
+    let mut at = 0;
+    for g in text.graphemes(true).rev() {
+        dst[at..at + g.len()].copy_from_slice(g.as_bytes());
+        at += g.len();
     }
-    if let Ok(text) = std::str::from_utf8(content) {
-        out.truncate(start);
-        for g in text.graphemes(true).rev() {
-            out.extend_from_slice(g.as_bytes());
-        }
-    }
-    // Otherwise not UTF-8: the byte reversal already written stands.
 }
 
 /// Mask of the high bit of every byte of a `u128`: zero in ASCII.
 const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
 
-/// Appends `bytes` in reverse order, in one pass, and returns whether they
-/// were all ASCII. 16 bytes at a time are loaded from the end of the source
-/// as a `u128`, byte-swapped (a `bswap` pair or a vector shuffle) and stored;
-/// the last few bytes one by one. (A copy followed by `<[u8]>::reverse`
-/// reads and writes everything twice.)
-///
-/// Two shapes of the same loop, chosen by length because each is fastest in
-/// its range (`cargo bench --bench protocol -- reverse_into/ascii`): short
-/// lines are reversed into a stack buffer and appended with one copy (no
-/// `memset` and no capacity check per word, which dominate a 64-byte line);
-/// long lines zero-extend the output once and fill it in place (the loop
-/// vectorises).
-fn push_reversed_bytes(bytes: &[u8], out: &mut Vec<u8>) -> bool {
-    const SHORT: usize = 128;
-    let mut seen: u128 = 0;
-    if bytes.len() < SHORT {
-        let mut buf = [0u8; SHORT];
-        let mut at = 0;
-        let mut rest = bytes;
-        // Moves the last $n bytes of `rest`, reversed, to `buf[at..]` as one
-        // byte-swapped word; says whether there were $n bytes to move.
-        macro_rules! step {
-            ($n:literal, $word:ty) => {
-                if let Some((head, word)) = rest.split_last_chunk::<$n>() {
-                    let w = <$word>::from_le_bytes(*word);
-                    seen |= u128::from(w);
-                    buf[at..at + $n].copy_from_slice(&w.swap_bytes().to_le_bytes());
-                    at += $n;
-                    rest = head;
-                    true
-                } else {
-                    false
+/// Writes `src` in reverse byte order to `dst` (the same length) and returns
+/// whether every byte was ASCII, in one pass and without a byte-by-byte
+/// tail: it works inwards from both ends a word at a time, like an in-place
+/// reversal. Each step loads the next word from the front and the next from
+/// the back, byte-swaps them (`bswap`) and stores each at the other end; the
+/// last step's two words overlap in the middle unless the length is a
+/// multiple of twice the word, and overlapping stores write the same bytes.
+/// The word is the widest of 16, 8, 4 and 2 bytes that fits. (A copy
+/// followed by `<[u8]>::reverse` reads and writes everything twice.)
+#[inline(always)]
+fn reverse_bytes(src: &[u8], dst: &mut [u8]) -> bool {
+    let n = src.len();
+    debug_assert_eq!(n, dst.len());
+    macro_rules! inwards {
+        ($size:literal, $word:ty) => {{
+            // Invariant: `k` bytes are done at each end, and k + $size <= n.
+            let mut seen: $word = 0;
+            let mut k = 0;
+            loop {
+                let front = <$word>::from_le_bytes(src[k..k + $size].try_into().expect("word"));
+                let back =
+                    <$word>::from_le_bytes(src[n - k - $size..n - k].try_into().expect("word"));
+                dst[k..k + $size].copy_from_slice(&back.swap_bytes().to_le_bytes());
+                dst[n - k - $size..n - k].copy_from_slice(&front.swap_bytes().to_le_bytes());
+                seen |= front | back;
+                if n - 2 * k <= 2 * $size {
+                    break;
                 }
-            };
+                k += $size;
+            }
+            u128::from(seen) & HIGH_BITS == 0
+        }};
+    }
+    match n {
+        16.. => inwards!(16, u128),
+        8.. => inwards!(8, u64),
+        4.. => inwards!(4, u32),
+        2.. => inwards!(2, u16),
+        _ => {
+            dst.copy_from_slice(src);
+            src.is_ascii()
         }
-        while step!(16, u128) {}
-        // The tail (< 16 bytes) in at most four more steps: 8, 4, 2, 1.
-        step!(8, u64);
-        step!(4, u32);
-        step!(2, u16);
-        step!(1, u8);
-        debug_assert!(rest.is_empty());
-        out.extend_from_slice(&buf[..at]);
-        return seen & HIGH_BITS == 0;
     }
-    let start = out.len();
-    out.resize(start + bytes.len(), 0);
-    let mut dst = out[start..].chunks_exact_mut(16);
-    let mut src = bytes.rchunks_exact(16);
-    for (d, s) in (&mut dst).zip(&mut src) {
-        let word = u128::from_le_bytes(s.try_into().expect("a 16-byte chunk"));
-        seen |= word;
-        d.copy_from_slice(&word.swap_bytes().to_le_bytes());
-    }
-    // The first `len % 16` source bytes go, reversed, to the last places.
-    for (d, s) in dst
-        .into_remainder()
-        .iter_mut()
-        .zip(src.remainder().iter().rev())
-    {
-        seen |= u128::from(*s);
-        *d = *s;
-    }
-    seen & HIGH_BITS == 0
 }
 
 /// Convenience for tests, benchmarks and the fuzzer: the whole reply to a
@@ -291,6 +405,12 @@ pub fn reverse_stream(input: &[u8], max_line: usize) -> Vec<u8> {
     r.finish(&mut out);
     out
 }
+
+/// The plain model of SPEC §2 the proptests compare with (shared with the
+/// fuzz target).
+#[cfg(test)]
+#[path = "../tests/common/model.rs"]
+mod model;
 
 #[cfg(test)]
 mod tests {
@@ -442,25 +562,47 @@ mod tests {
     fn byte_reversal_of_every_length() {
         for len in 0..300usize {
             let line: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
-            let mut out = vec![b'#'];
-            let ascii = push_reversed_bytes(&line, &mut out);
+            let mut out = vec![b'#'; len + 2];
+            let ascii = reverse_bytes(&line, &mut out[1..=len]);
             assert_eq!(ascii, line.is_ascii(), "len {len}");
-            // The ASCII verdict, at every length and every position.
-            let mut text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            assert!(push_reversed_bytes(&text, &mut Vec::new()), "len {len}");
-            for pos in 0..len {
-                text[pos] = 0x80;
-                assert!(
-                    !push_reversed_bytes(&text, &mut Vec::new()),
-                    "len {len} at {pos}"
-                );
-                text[pos] = b'a';
-            }
             let mut want = line.clone();
             want.reverse();
+            // Exactly the region is written, nothing around it.
             assert_eq!(out[0], b'#');
-            assert_eq!(&out[1..], &want[..], "len {len}");
+            assert_eq!(out[len + 1], b'#');
+            assert_eq!(&out[1..=len], &want[..], "len {len}");
+            // The ASCII verdict, at every length and every position.
+            let mut text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut dst = vec![0; len];
+            assert!(reverse_bytes(&text, &mut dst), "len {len}");
+            for pos in 0..len {
+                text[pos] = 0x80;
+                assert!(!reverse_bytes(&text, &mut dst), "len {len} at {pos}");
+                text[pos] = b'a';
+            }
         }
+    }
+
+    #[test]
+    fn line_end_found_at_every_position() {
+        // Every line length around the 16-byte steps and the hand-over to
+        // memchr at 64 bytes, with and without a second LF after it.
+        for len in 0..200usize {
+            let mut bytes = vec![b'x'; len];
+            assert_eq!(find_lf(&bytes), None, "len {len}");
+            bytes.push(b'\n');
+            bytes.extend_from_slice(b"ab\ncd");
+            assert_eq!(find_lf(&bytes), Some(len), "len {len}");
+            assert_eq!(find_lf(&bytes[..=len]), Some(len), "len {len}");
+        }
+        // Bytes that differ from LF in one bit are not LF.
+        assert_eq!(find_lf(&[0x0b, 0x08, 0x8a, 0x0e, 0x1a, 0x4a]), None);
+    }
+
+    #[test]
+    #[should_panic(expected = "lengths differ")]
+    fn reverse_into_wants_equal_lengths() {
+        reverse_into(b"abc", &mut [0u8; 2]);
     }
 
     #[test]
@@ -513,6 +655,8 @@ mod tests {
             Just(b"\xc3".to_vec()),
             Just(b"\0".to_vec()),
             any::<u8>().prop_map(|b| vec![b]),
+            // Long ASCII runs, so lines reach past 64 bytes too.
+            prop::collection::vec(b' '..=b'~', 0..100),
         ];
         prop::collection::vec(piece, 0..200).prop_map(|v| v.concat())
     }
@@ -543,6 +687,18 @@ mod tests {
         ) {
             let whole = reverse_stream(&input, max_line);
             prop_assert_eq!(feed_split(&input, &cuts, max_line), whole);
+        }
+
+        /// The output is what the plain model of SPEC §2 gives, for any
+        /// split; line lengths span the 16-byte steps of the byte reversal
+        /// and the 64-byte hand-over of the LF search.
+        #[test]
+        fn matches_the_spec_model(
+            input in stream(),
+            cuts in prop::collection::vec(any::<usize>(), 0..20),
+            max_line in prop_oneof![1usize..40, Just(DEFAULT_MAX_LINE)],
+        ) {
+            prop_assert_eq!(feed_split(&input, &cuts, max_line), model::model(&input, max_line));
         }
 
         /// Byte by byte too (the extreme split).
@@ -600,10 +756,10 @@ mod tests {
 
         #[test]
         fn reversing_twice_restores_binary(line in prop::collection::vec(any::<u8>().prop_filter("no LF", |b| *b != b'\n'), 0..200)) {
-            let mut once = Vec::new();
+            let mut once = vec![0; line.len()];
             reverse_into(&line, &mut once);
             prop_assume!(std::str::from_utf8(&line).is_err() && std::str::from_utf8(&once).is_err());
-            let mut twice = Vec::new();
+            let mut twice = vec![0; line.len()];
             reverse_into(&once, &mut twice);
             prop_assert_eq!(twice, line);
         }
