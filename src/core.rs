@@ -263,8 +263,7 @@ impl Core {
         peer: std::net::SocketAddr,
         li: usize,
     ) {
-        // Replies are written whole, once per pass: Nagle would only delay them.
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listening socket (see listener::bind).
         let entry = self.connections.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.handle.attach(

@@ -7,7 +7,8 @@
  * Correct under back-pressure: bytes the socket does not take are kept in a
  * per-connection buffer (grown on demand), and reading from a connection
  * pauses while more than HIGH_WATER bytes wait for it. TCP_NODELAY is set on
- * accepted sockets, as xps does.
+ * the listening socket, which Linux copies to every accepted socket, as xps
+ * does (no setsockopt per connection).
  *
  *   gcc -O2 -o echo echo.c && ./echo 127.0.0.1:PORT   (PORT 0 = any)
  *
@@ -165,6 +166,8 @@ int main(int argc, char **argv)
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
     setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    /* Like xps: replies must not wait for Nagle; accepted sockets inherit it. */
+    setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     if (lfd < 0 || bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(lfd, 4096) < 0) {
         perror("listen");
         return 1;
@@ -203,8 +206,6 @@ int main(int argc, char **argv)
                         close(fd);
                         continue;
                     }
-                    /* Like xps: replies must not wait for Nagle. */
-                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     nc->fd = fd;
                     nc->want_read = 1;
                     struct epoll_event cev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,

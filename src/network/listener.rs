@@ -56,7 +56,14 @@ pub fn resolve(addr: &ListenAddr) -> Result<SocketAddr, ListenError> {
 /// Creates a non-blocking listening socket on `at`: SO_REUSEADDR (restart
 /// without waiting out TIME_WAIT), SO_REUSEPORT when several workers each
 /// bind the same port, IPV6_V6ONLY for IPv6 (so `[::]:8001` and
-/// `0.0.0.0:8001` can both be opened), then bind and listen.
+/// `0.0.0.0:8001` can both be opened), TCP_NODELAY, then bind and listen.
+///
+/// TCP_NODELAY is for the connections: replies are written whole, once per
+/// pass, and Nagle's algorithm would only hold back a reply while an earlier
+/// one is unacknowledged (up to the client's delayed-ACK timer, 40 ms, for a
+/// pipelining client). Linux copies it from the listening socket to every
+/// socket `accept()` returns, so setting it here once saves a `setsockopt`
+/// per connection (`tests::accepted_sockets_inherit_nodelay` checks this).
 pub fn bind(
     addr: &ListenAddr,
     at: SocketAddr,
@@ -83,6 +90,9 @@ pub fn bind(
             .set_only_v6(true)
             .map_err(step("setsockopt(IPV6_V6ONLY)"))?;
     }
+    socket
+        .set_tcp_nodelay(true)
+        .map_err(step("setsockopt(TCP_NODELAY)"))?;
     socket.bind(&at.into()).map_err(step("bind()"))?;
     socket.listen(BACKLOG).map_err(step("listen()"))?;
     socket
@@ -149,6 +159,27 @@ pub fn classify_accept_error(e: &io::Error) -> AcceptVerdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        for host in ["127.0.0.1", "::1"] {
+            let addr = ListenAddr {
+                host: host.to_string(),
+                port: 0,
+            };
+            let at = resolve(&addr).unwrap();
+            let listener = match bind(&addr, at, false) {
+                Ok(l) => l,
+                Err(_) if at.is_ipv6() => continue, // no IPv6 on this machine
+                Err(e) => panic!("{e}"),
+            };
+            let local = listener.local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(local).unwrap();
+            listener.set_nonblocking(false).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert!(accepted.nodelay().unwrap(), "{host}: Nagle is on");
+        }
+    }
 
     #[test]
     fn accept_errors_are_sorted() {
