@@ -109,19 +109,14 @@ impl LineReverser {
                 return;
             };
             self.push_unterminated(&rest[..i], out);
-            emit_line(&self.partial, true, self.max_line, out);
+            emit_line(&self.partial, self.max_line, out);
             self.partial.clear();
             rest = &rest[i + 1..];
             lf = find_lf(rest);
         }
         // Whole lines straight from the input, without copying them.
         while let Some(i) = lf {
-            let line = &rest[..i];
-            if line.len() <= self.max_line {
-                answer_line(line, out.take(i + 1));
-            } else {
-                emit_line(line, true, self.max_line, out);
-            }
+            emit_line(&rest[..i], self.max_line, out);
             rest = &rest[i + 1..];
             lf = find_lf(rest);
         }
@@ -265,24 +260,15 @@ fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Sink<'_>) -> usize {
     raw.len()
 }
 
-/// Emits one whole line: `raw` is everything before the LF (a trailing CR
-/// included). Overlong lines go out in segments exactly as [`LineReverser::feed`]
-/// would have cut them while streaming.
-fn emit_line(raw: &[u8], terminated: bool, max_line: usize, out: &mut Sink<'_>) {
+/// Emits the reply to one whole line: `raw` is everything before the LF (a
+/// trailing CR included). Overlong lines go out in segments exactly as
+/// [`LineReverser::feed`] would have cut them while streaming. Inlined: this
+/// is the body of the loop over the lines of every read.
+#[inline(always)]
+fn emit_line(raw: &[u8], max_line: usize, out: &mut Sink<'_>) {
     let keep = emit_segments(raw, max_line, out);
     let raw = &raw[raw.len() - keep..];
-    if terminated {
-        answer_line(raw, out.take(raw.len() + 1));
-    } else {
-        reverse_into(raw, out.take(raw.len()));
-    }
-}
-
-/// The reply to a line short enough to need no cutting: `raw` is the line
-/// before its LF, `reply` has room for it and the LF. Inlined into the loop
-/// over the lines of a read, the hot path.
-#[inline(always)]
-fn answer_line(raw: &[u8], reply: &mut [u8]) {
+    let reply = out.take(raw.len() + 1);
     // The reply ends as the request did: LF, or CR LF.
     reply[raw.len()] = b'\n';
     let content = match raw.split_last() {
