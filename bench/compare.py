@@ -36,9 +36,13 @@ def env_num(name, default, kind=float):
 
 
 QUICK = os.environ.get("QUICK") == "1"
-ROUNDS = env_num("ROUNDS", 1 if QUICK else 3, int)
+# Five rounds: on this shared VM one round of a case can be 20 % off the
+# others, and the median of three moved the headline ratios by as much
+# between full runs. The idle case measures RSS, which does not vary: three.
+ROUNDS = env_num("ROUNDS", 1 if QUICK else 5, int)
+IDLE_ROUNDS = min(ROUNDS, 3)
 DURATION = env_num("DURATION", 1.0 if QUICK else 3.0)
-WARMUP = env_num("WARMUP", 0.3 if QUICK else 1.0)
+WARMUP = env_num("WARMUP", 0.3 if QUICK else 0.5)
 IDLE_CONNS = env_num("IDLE_CONNS", 2000 if QUICK else 10000, int)
 IDLE_HOLD = env_num("IDLE_HOLD", 1.0 if QUICK else 3.0)
 OUT = os.environ.get("OUT") or os.path.join(HERE, "results")
@@ -81,7 +85,8 @@ CASES = [
      "metric": "conns_per_s", "unit": "conn/s", "per": "conn"},
     {"name": "idle-c%d" % IDLE_CONNS, "title": "idle C=%d" % IDLE_CONNS,
      "args": ["idle", "--conns", str(IDLE_CONNS), "--hold", str(IDLE_HOLD), "--size", "64"],
-     "metric": "rss_per_conn_bytes", "unit": "B/conn (RSS)", "per": None, "lower_is_better": True},
+     "metric": "rss_per_conn_bytes", "unit": "B/conn (RSS)", "per": None, "lower_is_better": True,
+     "rounds": IDLE_ROUNDS},
 ]
 
 # xps --workers 2 against --workers 1, nothing pinned: on a 2-CPU machine the
@@ -157,11 +162,13 @@ def proc_cpu_ticks(pid):
         return None
 
 
-def machine_busy_ticks():
+def machine_ticks():
+    """(busy, steal): user+nice+system of the whole machine (irq, softirq and
+    steal are not attributed to processes), and the time the hypervisor ran
+    something else on this VM's CPUs (steal)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
-    # user nice system (irq, softirq and steal are not attributed to processes)
-    return v[0] + v[1] + v[2]
+    return v[0] + v[1] + v[2], v[7]
 
 
 def loadavg():
@@ -182,7 +189,7 @@ def run_one(case, server_name, spec, rnd, pin):
         bound = DURATION + WARMUP + 30
     cmd = niced((["taskset", "-c", CLIENT_CPU] if pin else []) + [BENCH] + args)
     la = loadavg()
-    s0, m0 = proc_cpu_ticks(srv.pid), machine_busy_ticks()
+    s0, (m0, st0) = proc_cpu_ticks(srv.pid), machine_ticks()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     try:
@@ -197,7 +204,7 @@ def run_one(case, server_name, spec, rnd, pin):
             err = err.decode(errors="replace")
     wall = time.monotonic() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    s1, m1 = proc_cpu_ticks(srv.pid), machine_busy_ticks()
+    s1, (m1, st1) = proc_cpu_ticks(srv.pid), machine_ticks()
     server_rc = srv.stop()
     client_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     server_cpu_all = (s1 - s0) / HZ if s0 is not None and s1 is not None else None
@@ -221,6 +228,7 @@ def run_one(case, server_name, spec, rnd, pin):
         "loadavg_before": la, "client_cpu_s": round(client_cpu, 3),
         "server_cpu_whole_run_s": server_cpu_all,
         "other_cpu_s": None if other is None else round(other, 3),
+        "steal_s": round((st1 - st0) / HZ, 3),
         "result": j,
         "stderr": err.strip().splitlines()[-5:] if err.strip() else [],
         "server_log_tail": [line.rstrip() for line in srv.log[-3:]],
@@ -271,7 +279,7 @@ def main():
             sys.exit("compare.py: %s missing; run bench/compare.sh (it builds first)" % b)
     os.makedirs(OUT, exist_ok=True)
     info = machine_info()
-    config = {"quick": QUICK, "rounds": ROUNDS, "duration_s": DURATION, "warmup_s": WARMUP,
+    config = {"quick": QUICK, "rounds": ROUNDS, "idle_rounds": IDLE_ROUNDS, "duration_s": DURATION, "warmup_s": WARMUP,
               "idle_conns": IDLE_CONNS, "idle_hold_s": IDLE_HOLD, "nice": NICE,
               "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU}
     log("== machine: %s" % json.dumps(info))
@@ -284,7 +292,7 @@ def main():
         if ONLY and case["name"] not in ONLY:
             continue
         log("== %s" % case["title"])
-        for rnd in range(ROUNDS):
+        for rnd in range(case.get("rounds", ROUNDS)):
             k = rnd % len(order)
             for name in order[k:] + order[:k]:
                 try:
