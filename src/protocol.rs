@@ -120,7 +120,10 @@ impl LineReverser {
             rest = &rest[i + 1..];
             lf = find_lf(rest);
         }
-        self.push_unterminated(rest, out);
+        // Usually the read ended with a LF: nothing is left over.
+        if !rest.is_empty() {
+            self.push_unterminated(rest, out);
+        }
         self.release_if_large();
     }
 
