@@ -25,6 +25,8 @@ pub const DEFAULT_PORTS: [u16; 3] = [8001, 8002, 8003];
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default `--idle-timeout`, in seconds.
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 300;
+/// Default `--line-timeout`, in seconds.
+pub const DEFAULT_LINE_TIMEOUT_SECS: u64 = 60;
 /// Upper bound for `--workers`, far above any sensible value, so that a typo
 /// cannot ask for a million threads.
 pub const MAX_WORKERS: usize = 1024;
@@ -73,6 +75,12 @@ pub struct Cli {
     #[arg(short = 't', long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
     pub idle_timeout: Option<u64>,
 
+    /// Close a connection whose unterminated line is not completed within
+    /// this long of reading (time paused by flow control does not count; a
+    /// segment of an overlong line restarts it); 0 = never [default: 60].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
+    pub line_timeout: Option<u64>,
+
     /// error, warn, info or debug [default: info, or debug with XPS_DEBUG=1 or
     /// RUST_LOG=debug].
     #[arg(short = 'L', long, value_name = "LEVEL", value_parser = parse_level)]
@@ -112,8 +120,8 @@ pub struct Settings {
     pub max_line: usize,
     /// Idle timeout; `None` = never.
     pub idle_timeout: Option<Duration>,
-    /// `--log-level`, if given (the environment decides otherwise).
-    pub log_level: Option<Level>,
+    /// Line timeout; `None` = never.
+    pub line_timeout: Option<Duration>,
     /// Config keys accepted but not served by this release, for one warning.
     pub ignored_keys: Vec<String>,
 }
@@ -311,7 +319,7 @@ impl Settings {
             .map(|n| n as usize)
             .or(file.as_ref().and_then(|f| f.workers))
             .unwrap_or(1);
-        let idle = cli.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Ok(Settings {
             listeners,
             workers,
@@ -319,8 +327,8 @@ impl Settings {
                 .max_connections
                 .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as usize),
             max_line: cli.max_line.map_or(DEFAULT_MAX_LINE, |n| n as usize),
-            idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
-            log_level: cli.log_level,
+            idle_timeout: secs(cli.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS)),
+            line_timeout: secs(cli.line_timeout.unwrap_or(DEFAULT_LINE_TIMEOUT_SECS)),
             ignored_keys: file.map(|f| f.ignored_keys).unwrap_or_default(),
         })
     }
@@ -464,6 +472,9 @@ mod tests {
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.max_line, 100_000);
         assert_eq!(s.idle_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.line_timeout, Some(Duration::from_secs(60)));
+        let s = Settings::from_cli(cli(&["--line-timeout", "0"]).unwrap()).unwrap();
+        assert_eq!(s.line_timeout, None);
     }
 
     #[test]
@@ -505,6 +516,7 @@ mod tests {
             &["--listen", "nope"],
             &["--log-level", "loud"],
             &["--idle-timeout", "-1"],
+            &["--line-timeout", "x"],
             &["--frobnicate"],
         ] {
             let e = cli(args).unwrap_err();

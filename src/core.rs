@@ -1,40 +1,50 @@
 //! eXpServer's `xps_core`: one worker's listeners, connections and timers,
-//! driven by its [`EventLoop`].
+//! driven by its [`EventLoop`](crate::event_loop::EventLoop).
 //!
 //! A [`Core`] is what `xps_loop_run()` dispatches to in the C tutorial, minus
 //! the globals: it owns everything one event loop serves, and the loop calls
 //! it through the [`Handler`] trait. With `--workers N` there are N cores on
-//! N threads that share nothing but a stop flag and the connection count
+//! N threads that share nothing but a stop flag and the connection slots
 //! ([`Shared`]); each has its own SO_REUSEPORT listening sockets, so the
 //! kernel spreads new connections across them (the Sōzu/nginx design).
 //!
 //! # Tokens
 //!
-//! A connection's token is its key in the [`Slab`]; listener `i` has token
-//! `LISTENER_BASE + i`; the cross-thread waker has [`WAKER`]. Dispatch is one
-//! comparison and one indexed lookup, where the tutorial scanned two lists.
+//! Every registration carries a token that decodes into a [`Target`] in one
+//! place ([`Target::of`]): a connection's slab key, a listener's slab key
+//! (above [`LISTENER_BASE`]), the timer, or the waker. Dispatch is one match
+//! and one indexed lookup, where the tutorial scanned two lists.
 //!
-//! # Work that does not come from epoll
+//! # One turn of the loop
 //!
-//! Edge-triggered readiness is reported once, so anything the core decides to
-//! postpone must be remembered by the core itself:
+//! [`Handler::woke`] reads the clock once per wake-up; every event of the
+//! turn is handled with that time. Then [`Handler::after_events`] runs the
+//! work that does not come from epoll, in named steps:
 //!
-//! * `deferred`: connections that stopped reading because of the read budget
-//!   (fairness) or resumed after a flow-control pause; driven again next turn,
-//!   and the loop does not sleep while any wait.
-//! * `Listener::ready`: a listener whose backlog was not drained (accept
-//!   budget, the connection cap, or an fd/memory back-off). Retried next
-//!   turn, when a connection closes, or when the back-off ends.
-//! * `timers`: a min-heap of idle deadlines, re-armed lazily (see
-//!   [`Core::expire_idle`]); a timerfd ([`LoopTimer`]) armed for the
-//!   earliest one wakes the loop, so `epoll_wait` itself needs no timeout
-//!   while the server is busy (see `LoopTimer` for why that matters).
+//! 1. [`Core::check_stop`]: begin the graceful shutdown once the stop flag
+//!    is set;
+//! 2. [`Core::run_deferred`]: connections that stopped reading because of
+//!    the read budget, or resumed after a flow-control pause (edge-triggered
+//!    readiness is reported once, so the core must remember them). Each is
+//!    queued at most once (`Connection::queued`), so a connection that gets
+//!    an edge on every turn still reads at most one budget per turn, and the
+//!    others are not made to wait behind many copies of it;
+//! 3. [`Core::retry_listeners`]: listeners whose backlog was not drained
+//!    (accept budget, the connection cap, or an fd/memory back-off);
+//! 4. [`Core::expire_deadlines`]: idle and line timeouts, from a min-heap
+//!    re-armed lazily; a timerfd ([`LoopTimer`]) armed for the earliest one
+//!    wakes the loop, so `epoll_wait` itself needs no timeout while the
+//!    server is busy (see `LoopTimer` for why that matters);
+//! 5. [`Core::step_shutdown`]: during a shutdown, lingering connections and
+//!    the grace period.
+//!
+//! The loop does not sleep while deferred work waits.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use mio::event::Event;
@@ -42,19 +52,17 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use crate::event_loop::{Handler, LoopHandle, LoopTimer};
-use crate::network::connection::{CloseReason, Connection, Scratch, Status};
+use crate::network::connection::{CloseReason, Connection, Deadline, Phase, Scratch, Status};
 use crate::network::listener::{AcceptVerdict, Listener, classify_accept_error};
+use crate::slots::{Slot, Slots};
 use crate::utils::logger::Level;
 use crate::xps_log;
 
-/// Token of the waker that tells a worker to shut down.
-pub const WAKER: Token = Token(usize::MAX);
-/// Token of the idle-timeout timer.
-pub const TIMER: Token = Token(usize::MAX - 1);
-/// Listener `i` is registered with token `LISTENER_BASE + i`.
+/// Listener key `k` is registered with token `LISTENER_BASE + k`; below it
+/// are connections' slab keys.
 pub const LISTENER_BASE: usize = usize::MAX / 2;
-/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM (unless a
-/// connection closes first).
+/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM or an
+/// unknown accept error (unless a connection closes first).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Connections accepted per listener per turn before others get a turn.
 pub const ACCEPT_BUDGET: usize = 256;
@@ -69,13 +77,59 @@ pub const LINGER_TICK: Duration = Duration::from_millis(10);
 /// At most one accept-failure warning per this interval per worker.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A connection, by slab key.
+    Connection(usize),
+    /// A listener, by its key in the core's listener slab.
+    Listener(usize),
+    /// The deadline timer ([`LoopTimer`]).
+    Timer,
+    /// The cross-thread waker (stop, and later control messages).
+    Waker,
+}
+
+impl Target {
+    /// The token registered for this target.
+    pub fn token(self) -> Token {
+        Token(match self {
+            Target::Connection(key) => key,
+            Target::Listener(key) => LISTENER_BASE + key,
+            Target::Timer => usize::MAX - 1,
+            Target::Waker => usize::MAX,
+        })
+    }
+
+    /// Decodes a token: the one place that knows the layout.
+    pub fn of(token: Token) -> Target {
+        match token.0 {
+            usize::MAX => Target::Waker,
+            n if n == usize::MAX - 1 => Target::Timer,
+            n if n >= LISTENER_BASE => Target::Listener(n - LISTENER_BASE),
+            n => Target::Connection(n),
+        }
+    }
+}
+
 /// State shared by all workers.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
-    /// Set by the signal thread: stop accepting, drain, exit.
+    /// Set by the signal thread (or a failing worker): stop accepting,
+    /// drain, exit.
     pub stop: AtomicBool,
-    /// Open connections over all workers (for `--max-connections`).
-    pub open: AtomicUsize,
+    /// The `--max-connections` slots, over all workers.
+    pub slots: Arc<Slots>,
+}
+
+impl Shared {
+    /// Shared state for a server capped at `max_connections`.
+    pub fn new(max_connections: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            slots: Slots::new(max_connections),
+        })
+    }
 }
 
 /// Limits one core runs with.
@@ -83,45 +137,73 @@ pub struct Shared {
 pub struct Limits {
     /// `--max-line`.
     pub max_line: usize,
-    /// `--max-connections`, over all workers.
-    pub max_connections: usize,
-    /// `--idle-timeout`; `None` = never.
-    pub idle_timeout: Option<Duration>,
+    /// `--idle-timeout` and `--line-timeout`.
+    pub timeouts: Timeouts,
+}
+
+/// The per-connection timeouts; `None` = off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `--idle-timeout`: no byte moved either way for this long.
+    pub idle: Option<Duration>,
+    /// `--line-timeout`: an unterminated line held this long while reading.
+    pub line: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Whether any deadline is kept at all.
+    fn any(&self) -> bool {
+        self.idle.is_some() || self.line.is_some()
+    }
 }
 
 /// A listener and whether its backlog may hold connections we have not
 /// accepted yet.
 #[derive(Debug)]
 struct ListenerSlot {
+    /// The socket and its back-off state.
     listener: Listener,
     /// An edge said "connections waiting" and the backlog was not drained.
     ready: bool,
+}
+
+/// A connection in the core's slab, with its place in the deadline heap.
+#[derive(Debug)]
+struct Entry {
+    /// The connection.
+    conn: Connection,
+    /// The earliest deadline this connection has in the heap, if any: a new
+    /// earlier deadline (a line clock starting) is pushed, a later one waits
+    /// until this entry comes due.
+    timer_due: Option<Instant>,
 }
 
 /// One worker: its listeners, its connections, its timers.
 pub struct Core {
     /// Attaches and detaches sockets on this worker's epoll instance.
     handle: LoopHandle,
-    /// This worker's listening sockets; emptied at shutdown.
-    listeners: Vec<ListenerSlot>,
+    /// This worker's listening sockets, by key; emptied at shutdown.
+    listeners: Slab<ListenerSlot>,
     /// Open connections, by token.
-    connections: Slab<Connection>,
+    connections: Slab<Entry>,
     /// Buffers shared by all connections of this loop.
     scratch: Scratch,
     /// Limits from the settings.
     limits: Limits,
-    /// Stop flag and connection count, shared with the other workers.
+    /// Stop flag and connection slots, shared with the other workers.
     shared: Arc<Shared>,
     /// Next connection id.
     next_id: u64,
-    /// The loop's clock, read once per turn.
+    /// The time of the current wake-up (read once per turn, in `woke`).
     now: Instant,
-    /// Idle deadlines: (deadline, slab key, connection id), earliest first.
+    /// Deadlines: (deadline, slab key, connection id), earliest first.
     /// The loop is woken for the earliest by `timer`.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
-    /// Fires at the earliest idle deadline (`None` without an idle timeout).
+    /// Fires at the earliest deadline (`None` without any timeout, or if it
+    /// could not be armed: then deadlines shorten the wait instead).
     timer: Option<LoopTimer>,
-    /// Connections to drive again next turn: (slab key, connection id).
+    /// Connections to drive again next turn: (slab key, connection id). A
+    /// connection is in it at most once (`Connection::queued`).
     deferred: Vec<(usize, u64)>,
     /// The other half of `deferred`'s double buffer: the batch being run is
     /// swapped out of `deferred`, so passes can queue new work without
@@ -131,7 +213,7 @@ pub struct Core {
     shutdown_deadline: Option<Instant>,
     /// `run` returns when set.
     stopped: bool,
-    /// Last accept-failure warning, and failures since.
+    /// Last accept-failure warning.
     accept_warned: Option<Instant>,
     /// Accept failures not yet reported.
     accept_failures: u64,
@@ -145,22 +227,23 @@ impl Core {
         limits: Limits,
         shared: Arc<Shared>,
     ) -> io::Result<Core> {
-        let mut slots = Vec::with_capacity(listeners.len());
-        for (i, mut listener) in listeners.into_iter().enumerate() {
+        let mut slots = Slab::with_capacity(listeners.len());
+        for mut listener in listeners {
+            let entry = slots.vacant_entry();
             handle.attach(
                 &mut listener.socket,
-                Token(LISTENER_BASE + i),
+                Target::Listener(entry.key()).token(),
                 Interest::READABLE,
             )?;
             // The backlog may already hold connections: look at once.
-            slots.push(ListenerSlot {
+            entry.insert(ListenerSlot {
                 listener,
                 ready: true,
             });
         }
-        let timer = match limits.idle_timeout {
-            Some(_) => Some(LoopTimer::create(&handle, TIMER)?),
-            None => None,
+        let timer = match limits.timeouts.any() {
+            true => Some(LoopTimer::create(&handle, Target::Timer.token())?),
+            false => None,
         };
         Ok(Core {
             timer,
@@ -184,52 +267,42 @@ impl Core {
 
     /// `xps_listener_connection_handler()`: accepts until the backlog is
     /// empty, the turn's budget is spent, the connection cap is reached, or
-    /// the OS runs out of descriptors or memory.
+    /// the OS refuses (out of descriptors or memory, or an error that is not
+    /// known to concern one connection only).
     fn listener_connection_handler(&mut self, li: usize) {
         for _ in 0..ACCEPT_BUDGET {
-            if !self.reserve_slot() {
+            // The slot is taken before accept(): at the cap, clients wait in
+            // the backlog. A failed accept drops it again.
+            let Some(slot) = self.shared.slots.try_acquire() else {
                 return; // at the cap: `ready` stays set, retried later
-            }
-            let slot = &mut self.listeners[li];
-            match slot.listener.socket.accept() {
-                Ok((stream, peer)) => self.connection_create(stream, peer, li),
-                Err(e) => {
-                    self.shared.open.fetch_sub(1, Ordering::Relaxed);
-                    match classify_accept_error(&e) {
-                        AcceptVerdict::Drained => {
-                            slot.ready = false;
-                            return;
-                        }
-                        AcceptVerdict::Retry => {}
-                        AcceptVerdict::SkipOne => {
-                            xps_log!(
-                                Level::Debug,
-                                "xps_listener_connection_handler()",
-                                "accept() on {} failed for one connection: {}",
-                                slot.listener.addr,
-                                e
-                            );
-                        }
-                        AcceptVerdict::BackOff => {
-                            slot.listener.paused_until = Some(self.now + ACCEPT_BACKOFF);
-                            let addr = slot.listener.addr.clone();
-                            self.warn_accept_failure(&addr, &e);
-                            return;
-                        }
+            };
+            let ls = &mut self.listeners[li];
+            match ls.listener.socket.accept() {
+                Ok((stream, peer)) => self.connection_create(stream, peer, li, slot),
+                Err(e) => match classify_accept_error(&e) {
+                    AcceptVerdict::Drained => {
+                        ls.ready = false;
+                        return;
                     }
-                }
+                    AcceptVerdict::Retry => {}
+                    AcceptVerdict::SkipOne => {
+                        xps_log!(
+                            Level::Debug,
+                            "xps_listener_connection_handler()",
+                            "accept() on {} failed for one connection: {}",
+                            ls.listener.addr,
+                            e
+                        );
+                    }
+                    AcceptVerdict::BackOff => {
+                        ls.listener.paused_until = Some(self.now + ACCEPT_BACKOFF);
+                        let addr = ls.listener.addr.clone();
+                        self.warn_accept_failure(&addr, &e);
+                        return;
+                    }
+                },
             }
         }
-    }
-
-    /// Takes one slot of `--max-connections`, if one is free.
-    fn reserve_slot(&self) -> bool {
-        let open = self.shared.open.fetch_add(1, Ordering::Relaxed);
-        if open < self.limits.max_connections {
-            return true;
-        }
-        self.shared.open.fetch_sub(1, Ordering::Relaxed);
-        false
     }
 
     /// Logs an accept failure at most once per [`WARN_INTERVAL`], counting
@@ -256,22 +329,23 @@ impl Core {
     }
 
     /// `xps_connection_create()`: registers an accepted socket and starts its
-    /// idle timer. The caller has reserved the slot.
+    /// deadlines. `slot` is the `--max-connections` slot it will hold.
     fn connection_create(
         &mut self,
         mut stream: mio::net::TcpStream,
         peer: std::net::SocketAddr,
         li: usize,
+        slot: Slot,
     ) {
-        // TCP_NODELAY comes from the listening socket (see listener::bind).
+        // TCP_NODELAY and SO_OOBINLINE come from the listening socket (see
+        // listener::bind).
         let entry = self.connections.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.handle.attach(
             &mut stream,
-            Token(key),
-            Interest::READABLE | Interest::WRITABLE,
+            Target::Connection(key).token(),
+            Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
         ) {
-            self.shared.open.fetch_sub(1, Ordering::Relaxed);
             xps_log!(
                 Level::Warning,
                 "xps_connection_create()",
@@ -279,14 +353,18 @@ impl Core {
                 peer,
                 e
             );
-            return;
+            return; // `slot` and `stream` drop here
         }
         let id = self.next_id;
         self.next_id += 1;
-        entry.insert(Connection::new(stream, id, self.limits.max_line, self.now));
-        if let Some(t) = self.limits.idle_timeout {
-            self.timers.push(Reverse((self.now + t, key, id)));
+        let timer_due = self.limits.timeouts.idle.map(|t| self.now + t);
+        if let Some(due) = timer_due {
+            self.timers.push(Reverse((due, key, id)));
         }
+        entry.insert(Entry {
+            conn: Connection::new(stream, slot, id, self.limits.max_line, self.now),
+            timer_due,
+        });
         xps_log!(
             Level::Debug,
             "xps_connection_create()",
@@ -298,33 +376,21 @@ impl Core {
     }
 
     /// `xps_connection_destroy()`: removing the connection from the slab
-    /// drops its socket, which closes the fd and so detaches it from epoll.
+    /// drops its socket (which closes the fd and so detaches it from epoll)
+    /// and its slot.
     fn connection_destroy(&mut self, key: usize, reason: &CloseReason) {
-        let conn = self.connections.remove(key);
-        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        let entry = self.connections.remove(key);
         xps_log!(
             Level::Debug,
             "xps_connection_destroy()",
             "closed connection #{}: {}",
-            conn.id,
-            match reason {
-                CloseReason::Finished => "peer closed, all replies sent".to_string(),
-                CloseReason::Reset(e) => format!("peer went away ({e})"),
-                CloseReason::Failed(e) => format!("socket error ({e})"),
-                CloseReason::Shutdown => "server shutting down".to_string(),
-                CloseReason::IdleTimeout {
-                    stalled_writer: false,
-                    secs,
-                } => format!("idle for {secs} s"),
-                CloseReason::IdleTimeout {
-                    stalled_writer: true,
-                    secs,
-                } => format!("client read nothing for {secs} s"),
-            }
+            entry.conn.id,
+            reason
         );
+        drop(entry);
         // A freed descriptor or slot may let a paused listener accept again.
-        for slot in &mut self.listeners {
-            slot.listener.paused_until = None;
+        for (_, ls) in &mut self.listeners {
+            ls.listener.paused_until = None;
         }
         // Keep the timer heap within twice the live connections: stale
         // entries of closed connections would otherwise pile up under churn.
@@ -335,61 +401,39 @@ impl Core {
 
     /// Drives one connection and acts on the outcome.
     fn drive(&mut self, key: usize) {
-        let Some(conn) = self.connections.get_mut(key) else {
+        let Some(entry) = self.connections.get_mut(key) else {
             return;
         };
         // The shared output buffer must start empty: bytes left in it by one
         // connection would be sent to the next one.
         debug_assert!(self.scratch.out.is_empty());
         self.scratch.out.clear();
-        match conn.drive(&mut self.scratch, self.now) {
+        let conn = &mut entry.conn;
+        match conn.drive(&mut self.scratch, self.now, self.limits.timeouts.line) {
             Status::Idle => {}
-            Status::More => self.deferred.push((key, conn.id)),
-            Status::Close(reason) => self.connection_destroy(key, &reason),
+            Status::More => {
+                if !conn.queued {
+                    conn.queued = true;
+                    self.deferred.push((key, conn.id));
+                }
+            }
+            Status::Close(reason) => return self.connection_destroy(key, &reason),
+        }
+        // A line clock that started in this pass may be due before anything
+        // the heap holds for this connection.
+        if let Some(due) = conn.line_due()
+            && entry.timer_due.is_none_or(|t| due < t)
+        {
+            entry.timer_due = Some(due);
+            self.timers.push(Reverse((due, key, conn.id)));
         }
     }
 
-    /// Closes connections whose idle deadline passed. Activity does not
-    /// touch the heap (it only updates `last_active`); an entry that comes
-    /// due for a connection that was active since is pushed again with its
-    /// real deadline. So each connection costs at most one heap operation
-    /// per timeout period, and nothing scans every connection.
-    fn expire_idle(&mut self) {
-        let Some(timeout) = self.limits.idle_timeout else {
-            return;
-        };
-        while let Some(&Reverse((deadline, key, id))) = self.timers.peek() {
-            if deadline > self.now {
-                break;
-            }
-            self.timers.pop();
-            let Some(conn) = self.connections.get(key).filter(|c| c.id == id) else {
-                continue; // closed since
-            };
-            let due = conn.last_active + timeout;
-            if due <= self.now {
-                let reason = CloseReason::IdleTimeout {
-                    stalled_writer: conn.has_pending(),
-                    secs: timeout.as_secs(),
-                };
-                self.connection_destroy(key, &reason);
-            } else {
-                self.timers.push(Reverse((due, key, id)));
-            }
+    /// Step 1: begins the graceful shutdown once the stop flag is set.
+    fn check_stop(&mut self) {
+        if self.shutdown_deadline.is_none() && self.shared.stop.load(Ordering::Relaxed) {
+            self.begin_shutdown();
         }
-    }
-
-    fn rebuild_timers(&mut self) {
-        let Some(timeout) = self.limits.idle_timeout else {
-            self.timers.clear();
-            return;
-        };
-        let live: Vec<_> = self
-            .connections
-            .iter()
-            .map(|(key, c)| Reverse((c.last_active + timeout, key, c.id)))
-            .collect();
-        self.timers = BinaryHeap::from(live);
     }
 
     /// Stops accepting, and lets every connection read what has arrived,
@@ -406,33 +450,131 @@ impl Core {
         self.shutdown_deadline = Some(self.now + SHUTDOWN_GRACE);
         let keys: Vec<usize> = self.connections.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.connections[key].begin_shutdown();
+            self.connections[key].conn.begin_shutdown();
             self.drive(key);
         }
     }
 
-    /// Runs deferred connection passes and listener retries.
+    /// Step 2: drives the connections queued by the last turn.
     fn run_deferred(&mut self) {
         let mut batch = std::mem::take(&mut self.deferred_spare);
         std::mem::swap(&mut batch, &mut self.deferred);
         for &(key, id) in &batch {
-            if self.connections.get(key).is_some_and(|c| c.id == id) {
+            if let Some(entry) = self.connections.get_mut(key)
+                && entry.conn.id == id
+            {
+                entry.conn.queued = false;
                 self.drive(key);
             }
         }
         batch.clear();
         self.deferred_spare = batch;
-        for li in 0..self.listeners.len() {
-            let slot = &mut self.listeners[li];
-            if let Some(until) = slot.listener.paused_until {
-                if until > self.now {
-                    continue;
+    }
+
+    /// Step 3: accepts on listeners whose backlog was left non-empty, once
+    /// their back-off (if any) is over.
+    fn retry_listeners(&mut self) {
+        // Listener keys are indices below the slab's capacity; there are few.
+        for key in 0..self.listeners.capacity() {
+            let Some(ls) = self.listeners.get_mut(key) else {
+                continue;
+            };
+            if ls
+                .listener
+                .paused_until
+                .is_some_and(|until| until > self.now)
+            {
+                continue;
+            }
+            ls.listener.paused_until = None;
+            if ls.ready {
+                self.listener_connection_handler(key);
+            }
+        }
+    }
+
+    /// Step 4: closes connections whose idle or line deadline passed.
+    /// Activity does not touch the heap (it only updates `last_active`); an
+    /// entry that comes due for a connection that was active since is pushed
+    /// again with its real deadline. So each connection costs at most one
+    /// heap operation per timeout period, and nothing scans every connection.
+    fn expire_deadlines(&mut self) {
+        while let Some(&Reverse((deadline, key, id))) = self.timers.peek() {
+            if deadline > self.now {
+                break;
+            }
+            self.timers.pop();
+            let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
+                continue; // closed since
+            };
+            if entry.timer_due != Some(deadline) {
+                continue; // superseded by an earlier entry, already handled
+            }
+            match entry.conn.check_deadlines(self.now, self.limits.timeouts) {
+                Deadline::Expired(reason) => self.connection_destroy(key, &reason),
+                Deadline::Next(due) => {
+                    entry.timer_due = Some(due);
+                    self.timers.push(Reverse((due, key, id)));
                 }
-                slot.listener.paused_until = None;
+                Deadline::None => entry.timer_due = None,
             }
-            if slot.ready {
-                self.listener_connection_handler(li);
+        }
+        self.arm_timer();
+    }
+
+    /// Arms the timerfd for the earliest deadline.
+    fn arm_timer(&mut self) {
+        if let (Some(timer), Some(Reverse((deadline, _, _)))) =
+            (&mut self.timer, self.timers.peek())
+            && let Err(e) = timer.arm_at(*deadline, self.now)
+        {
+            xps_log!(
+                Level::Warning,
+                "xps_core_timer()",
+                "timerfd_settime() failed ({e}); deadlines now shorten epoll waits"
+            );
+            self.timer = None;
+        }
+    }
+
+    fn rebuild_timers(&mut self) {
+        let live: Vec<_> = self
+            .connections
+            .iter()
+            .filter_map(|(key, e)| e.timer_due.map(|t| Reverse((t, key, e.conn.id))))
+            .collect();
+        self.timers = BinaryHeap::from(live);
+    }
+
+    /// Step 5: during a shutdown, looks at lingering connections (their
+    /// progress raises no event) and ends the grace period.
+    fn step_shutdown(&mut self) {
+        let Some(deadline) = self.shutdown_deadline else {
+            return;
+        };
+        let lingering: Vec<usize> = self
+            .connections
+            .iter()
+            .filter(|(_, e)| e.conn.phase() == Phase::Lingering)
+            .map(|(k, _)| k)
+            .collect();
+        for key in lingering {
+            let status = self.connections[key].conn.linger(&mut self.scratch.read);
+            if let Status::Close(reason) = status {
+                self.connection_destroy(key, &reason);
             }
+        }
+        if self.connections.is_empty() {
+            self.stopped = true;
+        } else if self.now >= deadline {
+            xps_log!(
+                Level::Warning,
+                "xps_core_shutdown()",
+                "grace period over: closing {} connection(s) with replies unsent",
+                self.connections.len()
+            );
+            self.connections.clear(); // their slots go back as they drop
+            self.stopped = true;
         }
     }
 
@@ -448,17 +590,17 @@ impl Core {
         let mut earliest = |t: Instant| {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         };
-        // Idle deadlines wake the loop through `timer`; only without one
-        // (it could not be armed) do they shorten the wait.
+        // Deadlines wake the loop through `timer`; only without one (it
+        // could not be armed) do they shorten the wait.
         if let (None, Some(Reverse((t, _, _)))) = (&self.timer, self.timers.peek()) {
             earliest(*t);
         }
-        let at_cap = self.shared.open.load(Ordering::Relaxed) >= self.limits.max_connections;
-        for slot in &self.listeners {
-            if !slot.ready {
+        let at_cap = self.shared.slots.full();
+        for (_, ls) in &self.listeners {
+            if !ls.ready {
                 continue;
             }
-            match slot.listener.paused_until {
+            match ls.listener.paused_until {
                 Some(t) => earliest(t),
                 // At the cap, another worker may free a slot: look again
                 // soon (this worker's own closes are seen at once).
@@ -472,83 +614,68 @@ impl Core {
 }
 
 impl Handler for Core {
+    fn woke(&mut self) {
+        self.now = Instant::now();
+    }
+
     fn on_event(&mut self, event: &Event) {
-        let token = event.token();
-        if token == WAKER {
-            return; // the stop flag is read in after_events
-        }
-        if token == TIMER {
-            if let Some(timer) = &mut self.timer {
-                timer.fired(); // expire_idle runs in after_events
-            }
-            return;
-        }
-        if token.0 >= LISTENER_BASE {
-            let li = token.0 - LISTENER_BASE;
-            if let Some(slot) = self.listeners.get_mut(li) {
-                slot.ready = true;
-                if slot.listener.paused_until.is_none() {
-                    self.listener_connection_handler(li);
+        match Target::of(event.token()) {
+            Target::Waker => {} // the stop flag is read in after_events
+            Target::Timer => {
+                if let Some(timer) = &mut self.timer {
+                    timer.fired(); // deadlines run in after_events
                 }
             }
-            return;
-        }
-        if let Some(conn) = self.connections.get_mut(token.0) {
-            conn.note_event(event);
-            self.drive(token.0);
+            Target::Listener(key) => {
+                if let Some(ls) = self.listeners.get_mut(key) {
+                    ls.ready = true;
+                    if ls.listener.paused_until.is_none() {
+                        self.listener_connection_handler(key);
+                    }
+                }
+            }
+            Target::Connection(key) => {
+                if let Some(entry) = self.connections.get_mut(key) {
+                    entry.conn.note_event(event);
+                    // A queued connection is driven once, in the deferred
+                    // step of this turn: one read budget per turn.
+                    if !entry.conn.queued {
+                        self.drive(key);
+                    }
+                }
+            }
         }
     }
 
     fn after_events(&mut self) -> Option<Duration> {
-        self.now = Instant::now();
-        if self.shutdown_deadline.is_none() && self.shared.stop.load(Ordering::Relaxed) {
-            self.begin_shutdown();
-        }
+        self.check_stop();
         self.run_deferred();
-        self.expire_idle();
-        if let (Some(timer), Some(Reverse((deadline, _, _)))) =
-            (&mut self.timer, self.timers.peek())
-            && let Err(e) = timer.arm_at(*deadline, self.now)
-        {
-            xps_log!(
-                Level::Warning,
-                "xps_core_timer()",
-                "timerfd_settime() failed ({e}); idle deadlines now shorten epoll waits"
-            );
-            self.timer = None;
-        }
-        if let Some(deadline) = self.shutdown_deadline {
-            let lingering: Vec<usize> = self
-                .connections
-                .iter()
-                .filter(|(_, c)| c.is_lingering())
-                .map(|(k, _)| k)
-                .collect();
-            for key in lingering {
-                let status = self.connections[key].linger(&mut self.scratch.read);
-                if let Status::Close(reason) = status {
-                    self.connection_destroy(key, &reason);
-                }
-            }
-            if self.connections.is_empty() {
-                self.stopped = true;
-            } else if self.now >= deadline {
-                xps_log!(
-                    Level::Warning,
-                    "xps_core_shutdown()",
-                    "grace period over: closing {} connection(s) with replies unsent",
-                    self.connections.len()
-                );
-                let n = self.connections.len();
-                self.connections.clear();
-                self.shared.open.fetch_sub(n, Ordering::Relaxed);
-                self.stopped = true;
-            }
-        }
+        self.retry_listeners();
+        self.expire_deadlines();
+        self.step_shutdown();
         self.next_timeout()
     }
 
     fn should_stop(&self) -> bool {
         self.stopped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_decode_to_what_encoded_them() {
+        for target in [
+            Target::Connection(0),
+            Target::Connection(LISTENER_BASE - 1),
+            Target::Listener(0),
+            Target::Listener(7),
+            Target::Timer,
+            Target::Waker,
+        ] {
+            assert_eq!(Target::of(target.token()), target);
+        }
     }
 }

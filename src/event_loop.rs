@@ -37,6 +37,11 @@ pub const MAX_EVENTS: usize = 1024;
 
 /// What the loop drives: the core implements this.
 pub trait Handler {
+    /// Called once each time `epoll_wait` returns, before its events: the
+    /// moment to read the clock, so that everything handled in this turn is
+    /// stamped with the time of the wake-up, not a time read before the
+    /// loop slept.
+    fn woke(&mut self);
     /// One readiness event.
     fn on_event(&mut self, event: &Event);
     /// Called after every wait (events or not): run timers and deferred work,
@@ -93,6 +98,7 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+            handler.woke();
             for event in self.events.iter() {
                 handler.on_event(event);
             }
@@ -114,8 +120,11 @@ impl LoopHandle {
         self.registry.register(source, token, interest)
     }
 
-    /// `xps_loop_detach()`: stop watching `source`. Closing a socket detaches
-    /// it too; this is for sockets that stay open (a paused listener).
+    /// `xps_loop_detach()`: stop watching `source`. xps never needs it in
+    /// Stage 6 — closing a socket (dropping it) detaches it, and a paused
+    /// listener stays attached and is simply not accepted from — but it is
+    /// the tutorial's counterpart and the way to stop watching a socket that
+    /// must stay open.
     pub fn detach<S: Source + ?Sized>(&self, source: &mut S) -> io::Result<()> {
         self.registry.deregister(source)
     }

@@ -14,6 +14,7 @@
 //! | `network/xps_connection`   | [`network::connection`]  | per-connection I/O and flow control|
 //! | (the reversal in the read handler) | [`protocol`]     | the pure line-reversal state machine |
 //! | `xps_config`               | [`config`]               | command line and JSON config       |
+//! | (beyond Stage 6)           | [`slots`]                | `--max-connections` slots as guards |
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod event_loop;
 pub mod network;
 pub mod protocol;
 pub mod server;
+pub mod slots;
 pub mod utils;
 
 /// An OS error as a short reason: "Address already in use" rather than

@@ -20,6 +20,12 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     logger::init(cli.log_level);
+    // A panic is a bug; still, say it in the log's shape, naming the thread.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("a thread");
+        xps_log!(Level::Error, "main()", "{name} panicked: {info}");
+    }));
     let settings = match Settings::from_cli(cli) {
         Ok(s) => s,
         Err(e) => {

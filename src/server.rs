@@ -1,13 +1,18 @@
 //! Start-up and shutdown: the part of the tutorial's `main()` that is not
 //! argument parsing.
 //!
-//! 1. Open every listening socket of every worker (SO_REUSEPORT when there
-//!    are several workers). Any failure stops here, before anything is
-//!    served: exit status 1 with one line naming the address.
-//! 2. Build one [`Core`] per worker, each on its own [`EventLoop`].
-//! 3. Start a signal thread: the first SIGINT/SIGTERM sets the shared stop
-//!    flag and wakes every loop (graceful shutdown); a second exits at once.
-//! 4. Run the workers on threads and wait for them.
+//! 1. Open every listening socket of every worker ([`open_listeners`]:
+//!    SO_REUSEPORT when there are several workers, after a probe proves no
+//!    other socket holds the port). Any failure stops here, before anything
+//!    is served and before any "listening" line: exit status 1 with one line
+//!    naming the address.
+//! 2. Build one [`Core`] per worker, each on its own [`EventLoop`]; then log
+//!    one "listening" line per address.
+//! 3. Start the signal thread ([`spawn_signal_thread`]): the first
+//!    SIGINT/SIGTERM stops every worker gracefully; a second exits at once.
+//! 4. Run the workers on threads and supervise them ([`supervise`]): if one
+//!    fails or panics, the others are stopped gracefully and the process
+//!    exits 1 with the reason — never a silent, half-alive server.
 //!
 //! SIGPIPE is ignored by the Rust runtime before `main` runs, and sockets
 //! are written with `send(MSG_NOSIGNAL)`, so a vanished client can never kill
@@ -16,13 +21,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::thread;
 
+use mio::Waker;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{ListenAddr, Settings};
-use crate::core::{Core, Limits, Shared, WAKER};
+use crate::core::{Core, Limits, Shared, Target, Timeouts};
 use crate::event_loop::EventLoop;
 use crate::network::listener::{self, ListenError, Listener};
 use crate::utils::logger::{self, Level};
@@ -34,7 +41,7 @@ pub enum ServerError {
     /// A listener could not be opened (exit 1).
     Listen(ListenError),
     /// Anything else that stops the server (exit 1): the epoll instance, a
-    /// thread, the signal handler.
+    /// thread, the signal handler, a worker that failed.
     Fatal(String),
 }
 
@@ -47,16 +54,28 @@ impl std::fmt::Display for ServerError {
     }
 }
 
-/// Opens `addrs` once per worker. Port 0 is resolved to the port the kernel
-/// picked for the first worker, so every worker shares it.
-pub fn open_listeners(
-    addrs: &[ListenAddr],
-    workers: usize,
-) -> Result<Vec<Vec<Listener>>, ListenError> {
+/// The listening sockets of every worker, and the addresses they are bound
+/// to (one per configured listener, port 0 resolved).
+pub struct OpenListeners {
+    /// `per_worker[w]` holds worker `w`'s sockets, in configuration order.
+    pub per_worker: Vec<Vec<Listener>>,
+    /// The bound address of each configured listener.
+    pub bound: Vec<SocketAddr>,
+}
+
+/// Opens `addrs` once per worker. With several workers each address is
+/// first probed ([`listener::probe_free`]), because their SO_REUSEPORT
+/// sockets would otherwise share a port with any other process that asks;
+/// port 0 is resolved once, so every worker shares the port.
+pub fn open_listeners(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {
     let reuse_port = workers > 1;
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let mut at: SocketAddr = listener::resolve(addr)?;
+        if reuse_port {
+            at = listener::probe_free(addr, at)?;
+        }
         for list in per_worker.iter_mut() {
             let socket = listener::bind(addr, at, reuse_port)?;
             let local = socket.local_addr().map_err(|e| ListenError {
@@ -66,15 +85,27 @@ pub fn open_listeners(
             at.set_port(local.port());
             list.push(Listener::new(socket, addr.clone()));
         }
-        xps_log!(
-            Level::Info,
-            "main()",
-            "Server listening on port {} ({})",
-            at.port(),
-            at
-        );
+        bound.push(at);
     }
-    Ok(per_worker)
+    Ok(OpenListeners { per_worker, bound })
+}
+
+/// Stops every worker: sets the shared stop flag and wakes each loop.
+#[derive(Clone)]
+struct Stopper {
+    /// The flag every core reads after each wake-up.
+    shared: Arc<Shared>,
+    /// One waker per worker loop.
+    wakers: Arc<Vec<Waker>>,
+}
+
+impl Stopper {
+    fn stop_all(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for w in self.wakers.iter() {
+            let _ = w.wake();
+        }
+    }
 }
 
 /// Runs the server until a signal stops it.
@@ -94,29 +125,83 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     // as soon as the server says it is up must start a graceful shutdown,
     // not kill it. Signals that come before the signal thread starts wait
     // in signal-hook's pipe.
-    let mut signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| fatal("signal handler", e))?;
-    let per_worker =
+    let signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| fatal("signal handler", e))?;
+    let open =
         open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?;
-    let shared = Arc::new(Shared::default());
+    let shared = Shared::new(settings.max_connections);
     let limits = Limits {
         max_line: settings.max_line,
-        max_connections: settings.max_connections,
-        idle_timeout: settings.idle_timeout,
+        timeouts: Timeouts {
+            idle: settings.idle_timeout,
+            line: settings.line_timeout,
+        },
     };
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
-    for listeners in per_worker {
+    for listeners in open.per_worker {
         let event_loop = EventLoop::create().map_err(|e| fatal("epoll_create()", e))?;
-        wakers.push(event_loop.waker(WAKER).map_err(|e| fatal("eventfd()", e))?);
+        wakers.push(
+            event_loop
+                .waker(Target::Waker.token())
+                .map_err(|e| fatal("eventfd()", e))?,
+        );
         let handle = event_loop.handle().map_err(|e| fatal("epoll dup", e))?;
         let core = Core::new(handle, listeners, limits, shared.clone())
             .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
-
+    // Every listener of every worker is open: now say so.
+    for at in &open.bound {
+        xps_log!(
+            Level::Info,
+            "main()",
+            "Server listening on port {} ({})",
+            at.port(),
+            at
+        );
+    }
+    let stopper = Stopper {
+        shared,
+        wakers: Arc::new(wakers),
+    };
     let signal_handle = signals.handle();
-    let stop_shared = shared.clone();
-    let signal_thread = thread::Builder::new()
+    let signal_thread = spawn_signal_thread(signals, stopper.clone())
+        .map_err(|e| fatal("spawn signal thread", e))?;
+
+    let named = settings.workers > 1;
+    let workers: Vec<Worker> = loops
+        .into_iter()
+        .enumerate()
+        .map(|(id, (mut event_loop, mut core))| -> Worker {
+            Box::new(move || {
+                if named {
+                    logger::set_worker(Some(id));
+                }
+                event_loop
+                    .run(&mut core)
+                    .map_err(|e| format!("epoll_wait(): {}", crate::os_reason(&e)))
+            })
+        })
+        .collect();
+    let result = supervise(workers, || stopper.stop_all());
+    signal_handle.close();
+    let _ = signal_thread.join();
+    match result {
+        Err(e) => Err(ServerError::Fatal(e)),
+        Ok(()) => {
+            xps_log!(Level::Info, "main()", "all connections closed, exiting");
+            Ok(())
+        }
+    }
+}
+
+/// The signal thread: the first SIGINT/SIGTERM stops every worker
+/// gracefully; a second exits at once with 128+N.
+fn spawn_signal_thread(
+    mut signals: Signals,
+    stopper: Stopper,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
         .name("xps-signals".into())
         .spawn(move || {
             let mut seen = 0;
@@ -129,53 +214,151 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
                         "main()",
                         "{name} received: finishing replies, then exiting (send it again to exit at once)"
                     );
-                    stop_shared.stop.store(true, Ordering::Relaxed);
-                    for w in &wakers {
-                        let _ = w.wake();
-                    }
+                    stopper.stop_all();
                 } else {
                     xps_log!(Level::Warning, "main()", "second {name}: exiting now");
                     std::process::exit(128 + sig);
                 }
             }
         })
-        .map_err(|e| fatal("spawn signal thread", e))?;
+}
 
-    let named = settings.workers > 1;
-    let mut threads = Vec::with_capacity(loops.len());
-    for (id, (mut event_loop, mut core)) in loops.into_iter().enumerate() {
-        let shared = shared.clone();
-        let t = thread::Builder::new()
+/// One worker's body: runs its loop to the end, or fails with a reason.
+pub type Worker = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// Tells the supervisor how a worker thread ended, also when it unwinds
+/// from a panic (`Drop` runs then too).
+struct ExitReport {
+    /// Worker index.
+    id: usize,
+    /// What to report; stays "panicked" unless the body returns.
+    outcome: Option<Result<(), String>>,
+    /// Where the supervisor listens.
+    tx: mpsc::Sender<(usize, Result<(), String>)>,
+}
+
+impl Drop for ExitReport {
+    fn drop(&mut self) {
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err("the worker thread panicked".to_string()));
+        let _ = self.tx.send((self.id, outcome));
+    }
+}
+
+/// Runs each worker on its own thread and waits for all of them. The first
+/// failure (an error or a panic) calls `stop_all`, so the other workers
+/// finish their clients and end too, and is returned, naming the worker.
+/// Connections of a worker that panicked are dropped with its core as the
+/// thread unwinds, and give their slots back.
+pub fn supervise(workers: Vec<Worker>, stop_all: impl Fn()) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel();
+    let mut threads = Vec::with_capacity(workers.len());
+    for (id, body) in workers.into_iter().enumerate() {
+        let tx = tx.clone();
+        let spawned = thread::Builder::new()
             .name(format!("xps-worker-{id}"))
             .spawn(move || {
-                if named {
-                    logger::set_worker(Some(id));
+                let mut report = ExitReport {
+                    id,
+                    outcome: None,
+                    tx,
+                };
+                report.outcome = Some(body());
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                stop_all();
+                for t in threads {
+                    let _ = t.join();
                 }
-                let result = event_loop.run(&mut core);
-                if result.is_err() {
-                    // Take the other workers down with this one.
-                    shared.stop.store(true, Ordering::Relaxed);
-                }
-                result
-            })
-            .map_err(|e| fatal("spawn worker thread", e))?;
-        threads.push(t);
+                return Err(format!("spawn worker thread: {}", crate::os_reason(&e)));
+            }
+        }
     }
+    drop(tx);
     let mut failure = None;
-    for t in threads {
-        match t.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => failure = Some(fatal("epoll_wait()", e)),
-            Err(_) => failure = Some(ServerError::Fatal("a worker thread panicked".into())),
+    for (id, outcome) in rx.iter() {
+        if let Err(reason) = outcome
+            && failure.is_none()
+        {
+            xps_log!(
+                Level::Error,
+                "main()",
+                "worker {id} failed: {reason}; stopping the other workers"
+            );
+            failure = Some(format!("worker {id} failed: {reason}"));
+            stop_all();
         }
     }
-    signal_handle.close();
-    let _ = signal_thread.join();
-    match failure {
-        Some(e) => Err(e),
-        None => {
-            xps_log!(Level::Info, "main()", "all connections closed, exiting");
+    for t in threads {
+        let _ = t.join();
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    /// A worker that runs until `stop` is set, like an event loop.
+    fn until_stopped(stop: Arc<AtomicBool>) -> Worker {
+        Box::new(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !stop.load(Ordering::Relaxed) {
+                if Instant::now() > deadline {
+                    return Err("never stopped".to_string());
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
             Ok(())
-        }
+        })
+    }
+
+    #[test]
+    fn a_panicking_worker_stops_the_others_and_fails() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = vec![
+            until_stopped(stop.clone()),
+            Box::new(|| -> Result<(), String> { panic!("worker bug") }) as Worker,
+            until_stopped(stop.clone()),
+        ];
+        let started = Instant::now();
+        let s = stop.clone();
+        let r = supervise(workers, move || s.store(true, Ordering::Relaxed));
+        assert_eq!(
+            r,
+            Err("worker 1 failed: the worker thread panicked".to_string())
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_failing_worker_stops_the_others_and_fails() {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = vec![
+            until_stopped(stop.clone()),
+            Box::new(|| Err("epoll_wait(): Bad file descriptor".to_string())) as Worker,
+        ];
+        let s = stop.clone();
+        let r = supervise(workers, move || s.store(true, Ordering::Relaxed));
+        assert_eq!(
+            r,
+            Err("worker 1 failed: epoll_wait(): Bad file descriptor".to_string())
+        );
+    }
+
+    #[test]
+    fn workers_that_end_cleanly_succeed() {
+        let workers: Vec<Worker> = vec![Box::new(|| Ok(())), Box::new(|| Ok(()))];
+        assert_eq!(supervise(workers, || {}), Ok(()));
     }
 }

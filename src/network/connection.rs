@@ -14,8 +14,20 @@
 //! [`Scratch::out`] buffer. Only what must outlive one readiness event stays
 //! here: the unterminated line (inside the [`LineReverser`]) and the replies
 //! the socket would not take yet (`pending`). The C tutorial's 100 KB buffer
-//! per connection would be 1 GB at 10 000 connections; here an idle connection
-//! is this struct, about 100 bytes.
+//! per connection would be 1 GB at 10 000 connections; here an idle
+//! connection is this struct (`size_of::<Connection>()`, checked by a unit
+//! test to stay within [`IDLE_BYTES_BOUND`]) plus the slab entry and the
+//! kernel's socket.
+//!
+//! # Its life, as one state
+//!
+//! [`Phase`] says where a connection is: [`Phase::Open`] while it serves,
+//! [`Phase::Draining`] while a shutdown lets it read only what had already
+//! arrived, [`Phase::InputDone`] once nothing more will be read (the client
+//! half-closed, or the drain is complete) and the last replies go out, and
+//! [`Phase::Lingering`] after our side is shut during a shutdown. Flow control
+//! ([`Flow`]) and the socket's readiness ([`Readiness`]) are separate, because
+//! they change independently of the phase.
 //!
 //! # One pass of [`Connection::drive`]
 //!
@@ -23,10 +35,11 @@
 //!    feed the bytes to the protocol, which appends whole replies to the shared
 //!    output buffer. Stop at `WouldBlock`, or at a *short read* (fewer bytes
 //!    than asked proves the kernel buffer is empty, so the `WouldBlock` call
-//!    would be a wasted syscall — unless the peer's FIN was announced, in which
-//!    case read on to see the EOF), or at the read budget (fairness: the core
-//!    drives this connection again next turn), or when the pending replies
-//!    reach the high-water mark (flow control).
+//!    would be a wasted syscall — unless the peer's FIN or urgent data was
+//!    announced, in which case read on: a read stops short at the FIN and at
+//!    the urgent mark with data still queued), or at the read budget (the core
+//!    drives this connection again next turn, after the others), or when the
+//!    pending replies reach the high-water mark (flow control).
 //! 2. **Write once**: every reply of this pass in one `send()`. If nothing was
 //!    pending before, it is sent straight from the shared buffer and only an
 //!    unsent tail is copied into `pending` — so a request/response client never
@@ -39,13 +52,16 @@
 //! 4. **Close** when the peer has half-closed and every reply is sent, or on a
 //!    read/write error (a reset peer is an ordinary close).
 
+use std::fmt;
 use std::io::{self, Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::core::Timeouts;
 use crate::protocol::LineReverser;
+use crate::slots::Slot;
 
 /// Pending replies at which a connection stops being read (SPEC §3: 1 MiB).
 pub const HIGH_WATER: usize = 1 << 20;
@@ -57,6 +73,9 @@ pub const READ_BUDGET: usize = 256 * 1024;
 pub const READ_CHUNK: usize = 64 * 1024;
 /// A drained `pending` buffer larger than this is freed, not kept.
 const KEEP_CAPACITY: usize = 64 * 1024;
+/// Upper bound on `size_of::<Connection>()`, the per-connection cost of an
+/// idle client in user space (a unit test holds the struct to it).
+pub const IDLE_BYTES_BOUND: usize = 256;
 
 /// Buffers shared by every connection of one event loop.
 pub struct Scratch {
@@ -88,15 +107,43 @@ pub enum CloseReason {
     Failed(io::Error),
     /// The server is shutting down and every reply is sent.
     Shutdown,
-    /// No byte moved either way for `--idle-timeout` seconds; with
-    /// `stalled_writer`, replies were waiting for a client that stopped
-    /// reading (nginx's `send_timeout`).
+    /// No byte moved either way for `--idle-timeout`; with `stalled_writer`,
+    /// replies were waiting for a client that read none of them (nginx's
+    /// `send_timeout`).
     IdleTimeout {
         /// Replies were pending.
         stalled_writer: bool,
-        /// The timeout, for the log line.
-        secs: u64,
+        /// The timeout.
+        after: Duration,
     },
+    /// An unterminated line was not completed within `--line-timeout` of
+    /// reading (nginx's `client_body_timeout`, for a line service).
+    LineTimeout {
+        /// The timeout.
+        after: Duration,
+    },
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Finished => f.write_str("peer closed, all replies sent"),
+            CloseReason::Reset(e) => write!(f, "peer went away ({e})"),
+            CloseReason::Failed(e) => write!(f, "socket error ({e})"),
+            CloseReason::Shutdown => f.write_str("server shutting down"),
+            CloseReason::IdleTimeout {
+                stalled_writer: false,
+                after,
+            } => write!(f, "idle for {} s", after.as_secs()),
+            CloseReason::IdleTimeout {
+                stalled_writer: true,
+                after,
+            } => write!(f, "client read nothing for {} s", after.as_secs()),
+            CloseReason::LineTimeout { after } => {
+                write!(f, "line not completed within {} s", after.as_secs())
+            }
+        }
+    }
 }
 
 /// What the core should do after a pass.
@@ -109,6 +156,91 @@ pub enum Status {
     More,
     /// Remove the connection.
     Close(CloseReason),
+}
+
+/// What a connection's deadlines say when one comes due.
+#[derive(Debug)]
+pub enum Deadline {
+    /// A timeout ran out: close for this reason.
+    Expired(CloseReason),
+    /// Nothing ran out; look again at this time.
+    Next(Instant),
+    /// No deadline applies (no timeout is configured that could run).
+    None,
+}
+
+/// Where a connection is in its life (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving: reading (unless flow control pauses it) and answering.
+    Open,
+    /// The server is shutting down: read only the `unread` bytes that had
+    /// reached the kernel when it began (`FIONREAD` then), answer them.
+    Draining {
+        /// Bytes of that count not read yet.
+        unread: usize,
+    },
+    /// Nothing more will be read. Once every reply is sent, `then` says what
+    /// follows.
+    InputDone {
+        /// Close at once (the client half-closed while serving), or linger
+        /// (shutdown).
+        then: AfterReplies,
+    },
+    /// Shutdown, every reply handed to the kernel and our side shut (FIN
+    /// queued): waiting until the client has them (see [`Connection::linger`]).
+    Lingering,
+}
+
+/// What follows the last reply of a connection that reads no more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterReplies {
+    /// Close: the client half-closed and has every reply.
+    Close,
+    /// Lingering close (shutdown).
+    Linger,
+}
+
+/// Flow control: whether the client's input is being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Reading.
+    Reading,
+    /// Paused: [`HIGH_WATER`] of replies wait for the client.
+    Paused,
+}
+
+/// What the edges have told us about the socket (edge-triggered epoll
+/// reports each change once, so the connection must remember it).
+#[derive(Debug, Clone, Copy)]
+pub struct Readiness {
+    /// The last edge said readable and no read has since found it empty.
+    readable: bool,
+    /// The socket can take more bytes, as far as we know.
+    writable: bool,
+    /// epoll reported the peer's FIN (EPOLLRDHUP) or urgent data (EPOLLPRI):
+    /// a read can stop short with data or the EOF still queued, so read on
+    /// to `WouldBlock` instead of trusting a short read.
+    read_past_short: bool,
+}
+
+/// How long the current unterminated line has been held while xps was
+/// reading from the connection (`--line-timeout`; time paused by flow
+/// control does not count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineClock {
+    /// No unterminated line is held.
+    Clear,
+    /// A line is held and the clock runs: it would have run out at `due`.
+    Running {
+        /// When the line times out if nothing changes.
+        due: Instant,
+    },
+    /// A line is held but reading is paused: `left` of the timeout remains.
+    Stopped {
+        /// What remains of the timeout.
+        left: Duration,
+    },
 }
 
 /// One client connection.
@@ -125,62 +257,70 @@ pub struct Connection {
     pending: Vec<u8>,
     /// How much of `pending` is already sent.
     sent: usize,
+    /// The kernel's send queue (`TIOCOUTQ`) when the socket last refused
+    /// bytes; a smaller queue later means the client read (slow-reader
+    /// progress that raises no epoll event).
+    send_queue: u32,
     /// Last time a byte was received or sent (for the idle timeout).
     pub last_active: Instant,
-    /// The last edge said readable and no read has since found it empty.
-    readable: bool,
-    /// The socket can take more bytes, as far as we know.
-    writable: bool,
-    /// epoll reported the peer's FIN (EPOLLRDHUP): read to the EOF even
-    /// after a short read.
-    read_closed_hint: bool,
-    /// No more input: the peer half-closed, or the server is shutting down.
-    input_done: bool,
-    /// Reading is paused by flow control.
-    paused: bool,
-    /// The server is shutting down: read what had arrived, answer it, close.
-    shutting_down: bool,
-    /// While shutting down: bytes that had reached the kernel when shutdown
-    /// began and are still to be read (`FIONREAD` at that moment).
-    unread_at_shutdown: usize,
-    /// Shutdown, every reply handed to the kernel and our side shut
-    /// (FIN queued): waiting until the client has them (see `linger`).
-    lingering: bool,
+    /// The `--line-timeout` clock of the unterminated line.
+    line: LineClock,
+    /// What the edges said.
+    ready: Readiness,
+    /// Where the connection is in its life.
+    phase: Phase,
+    /// Flow control.
+    flow: Flow,
+    /// Queued in the core's deferred list: queued at most once per turn,
+    /// however many edges and passes ask for it.
+    pub queued: bool,
+    /// The `--max-connections` slot this connection holds; released when the
+    /// connection is dropped, however that happens.
+    _slot: Slot,
 }
 
 impl Connection {
     /// `xps_connection_create()` without the attach: the core registers the
     /// socket with its loop using the slab key as token.
-    pub fn new(stream: TcpStream, id: u64, max_line: usize, now: Instant) -> Connection {
+    pub fn new(stream: TcpStream, slot: Slot, id: u64, max_line: usize, now: Instant) -> Self {
         Connection {
             stream,
             id,
             reverser: LineReverser::new(max_line),
             pending: Vec::new(),
             sent: 0,
+            send_queue: 0,
             last_active: now,
-            readable: false,
-            writable: true,
-            read_closed_hint: false,
-            input_done: false,
-            paused: false,
-            shutting_down: false,
-            unread_at_shutdown: 0,
-            lingering: false,
+            line: LineClock::Clear,
+            ready: Readiness {
+                readable: false,
+                writable: true,
+                read_past_short: false,
+            },
+            phase: Phase::Open,
+            flow: Flow::Reading,
+            queued: false,
+            _slot: slot,
         }
     }
 
     /// Records what an epoll event reported.
     pub fn note_event(&mut self, event: &Event) {
         if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.readable = true;
+            self.ready.readable = true;
         }
-        if event.is_read_closed() || event.is_error() {
-            self.read_closed_hint = true;
+        if event.is_read_closed() || event.is_error() || event.is_priority() {
+            self.ready.readable = true;
+            self.ready.read_past_short = true;
         }
         if event.is_writable() || event.is_write_closed() || event.is_error() {
-            self.writable = true;
+            self.ready.writable = true;
         }
+    }
+
+    /// Where the connection is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
     }
 
     /// Bytes of replies waiting for the socket.
@@ -193,28 +333,111 @@ impl Connection {
         self.pending_len() > 0
     }
 
+    /// When the unterminated line times out, if its clock runs.
+    pub fn line_due(&self) -> Option<Instant> {
+        match self.line {
+            LineClock::Running { due } => Some(due),
+            _ => None,
+        }
+    }
+
+    /// Looks at the idle and line deadlines at `now` (called when the
+    /// core's heap says one may be due). The idle timeout counts from the
+    /// last byte moved — or, for a client with replies pending, from the
+    /// last time its kernel send queue was seen to shrink.
+    pub fn check_deadlines(&mut self, now: Instant, timeouts: Timeouts) -> Deadline {
+        let line_due = match self.phase {
+            Phase::Open => self.line_due(),
+            _ => None,
+        };
+        if let (Some(due), Some(after)) = (line_due, timeouts.line)
+            && due <= now
+        {
+            return Deadline::Expired(CloseReason::LineTimeout { after });
+        }
+        let idle_due = timeouts.idle.map(|after| {
+            let due = self.last_active + after;
+            if due <= now && self.has_pending() && self.reader_progressed() {
+                self.last_active = now;
+                return (now + after, after);
+            }
+            (due, after)
+        });
+        if let Some((due, after)) = idle_due
+            && due <= now
+        {
+            return Deadline::Expired(CloseReason::IdleTimeout {
+                stalled_writer: self.has_pending(),
+                after,
+            });
+        }
+        match (idle_due.map(|(due, _)| due), line_due) {
+            (Some(a), Some(b)) => Deadline::Next(a.min(b)),
+            (Some(t), None) | (None, Some(t)) => Deadline::Next(t),
+            (None, None) => Deadline::None,
+        }
+    }
+
+    /// Whether the client read some of its replies since the socket last
+    /// refused bytes: the kernel's send queue shrank. Progress of a slow
+    /// reader raises no epoll event until a third of the send buffer is free,
+    /// so the idle timeout asks here before it cuts a client with replies
+    /// pending (SPEC §3: a client that reads, however slowly, is never cut).
+    pub fn reader_progressed(&mut self) -> bool {
+        let queue = unsent_bytes(&self.stream);
+        let progressed = queue < self.send_queue;
+        self.send_queue = queue;
+        progressed
+    }
+
     /// Shutdown: read only what had reached the kernel by now (even if flow
     /// control must pause and resume to get through it), answer it, then
     /// close. Bytes sent after this moment are not answered, nor is an
     /// unterminated last line (the client has not finished it) — unless the
-    /// client's half-close is among the bytes already received.
+    /// client's half-close is among what had arrived: then the EOF is read
+    /// and the last line answered.
     pub fn begin_shutdown(&mut self) {
-        self.shutting_down = true;
-        self.unread_at_shutdown = unread_bytes(&self.stream);
-        if self.unread_at_shutdown == 0 {
-            self.input_done = true;
-        } else {
-            self.readable = true;
+        if self.phase != Phase::Open {
+            return; // already reading no more
         }
+        self.line = LineClock::Clear;
+        let unread = unread_bytes(&self.stream);
+        self.phase = Phase::Draining { unread };
+        if unread == 0 {
+            let mut out = Vec::new();
+            self.end_drain(&mut out);
+            // A half-close seen now completes an unterminated line.
+            self.pending.extend_from_slice(&out);
+        } else {
+            self.ready.readable = true;
+        }
+    }
+
+    /// Every byte counted at shutdown is read: the input ends here. If the
+    /// client's FIN is next in the queue, it arrived before the shutdown
+    /// too, so the unterminated line is finished and answered.
+    fn end_drain(&mut self, out: &mut Vec<u8>) {
+        if peer_closed(&self.stream) {
+            self.reverser.finish(out);
+        }
+        self.phase = Phase::InputDone {
+            then: AfterReplies::Linger,
+        };
     }
 
     /// `xps_connection_read_handler()`, generalised: one read–write pass (see
     /// the module docs). `scratch.out` is empty before and after.
-    pub fn drive(&mut self, scratch: &mut Scratch, now: Instant) -> Status {
+    pub fn drive(
+        &mut self,
+        scratch: &mut Scratch,
+        now: Instant,
+        line_timeout: Option<Duration>,
+    ) -> Status {
         let mut more = false;
         let mut moved = 0;
-        if self.readable && !self.input_done && !self.paused {
-            match self.read_pass(scratch) {
+        let reads = matches!(self.phase, Phase::Open | Phase::Draining { .. });
+        if reads && self.ready.readable && self.flow == Flow::Reading {
+            match self.read_pass(scratch, now, line_timeout) {
                 Ok((m, n)) => (more, moved) = (m, n),
                 Err(reason) => {
                     scratch.out.clear();
@@ -233,67 +456,109 @@ impl Connection {
         if moved > 0 {
             self.last_active = now;
         }
-        if self.paused && self.pending_len() <= LOW_WATER {
-            self.paused = false;
-            more |= self.readable;
-        }
-        if self.input_done && !self.has_pending() {
-            if !self.shutting_down {
-                return Status::Close(CloseReason::Finished);
+        if self.flow == Flow::Paused && self.pending_len() <= LOW_WATER {
+            self.flow = Flow::Reading;
+            if let LineClock::Stopped { left } = self.line {
+                self.line = LineClock::Running { due: now + left };
             }
-            return self.linger(&mut scratch.read);
+            more |= self.ready.readable;
         }
-        if more { Status::More } else { Status::Idle }
+        match self.phase {
+            Phase::InputDone { then } if !self.has_pending() => match then {
+                AfterReplies::Close => Status::Close(CloseReason::Finished),
+                AfterReplies::Linger => self.linger(&mut scratch.read),
+            },
+            Phase::Lingering => self.linger(&mut scratch.read),
+            _ if more => Status::More,
+            _ => Status::Idle,
+        }
     }
 
     /// Reads until the socket is drained, the budget is spent or flow control
     /// pauses reading. Returns whether to come back for more, and the bytes
     /// read.
-    fn read_pass(&mut self, scratch: &mut Scratch) -> Result<(bool, usize), CloseReason> {
+    fn read_pass(
+        &mut self,
+        scratch: &mut Scratch,
+        now: Instant,
+        line_timeout: Option<Duration>,
+    ) -> Result<(bool, usize), CloseReason> {
         let mut total = 0usize;
-        loop {
+        let result = loop {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
-                self.paused = true;
-                return Ok((false, total));
+                self.pause(now);
+                break Ok(false);
             }
             if total >= READ_BUDGET {
-                return Ok((true, total));
+                break Ok(true);
             }
-            // In shutdown, read no further than what had arrived by then.
-            let want = if self.shutting_down {
-                self.unread_at_shutdown.min(scratch.read.len())
-            } else {
-                scratch.read.len()
+            // In a shutdown, read no further than what had arrived by then.
+            let want = match self.phase {
+                Phase::Draining { unread } => unread.min(scratch.read.len()),
+                _ => scratch.read.len(),
             };
             match self.stream.read(&mut scratch.read[..want]) {
                 Ok(0) => {
-                    self.readable = false;
-                    self.input_done = true;
+                    self.ready.readable = false;
                     self.reverser.finish(&mut scratch.out);
-                    return Ok((false, total));
+                    self.phase = Phase::InputDone {
+                        then: match self.phase {
+                            Phase::Draining { .. } => AfterReplies::Linger,
+                            _ => AfterReplies::Close,
+                        },
+                    };
+                    self.line = LineClock::Clear;
+                    break Ok(false);
                 }
                 Ok(n) => {
                     total += n;
+                    let before = scratch.out.len();
                     self.reverser.feed(&scratch.read[..n], &mut scratch.out);
-                    if self.shutting_down {
-                        self.unread_at_shutdown -= n;
-                        if self.unread_at_shutdown == 0 {
-                            self.input_done = true;
-                            return Ok((false, total));
+                    if let (Some(timeout), Phase::Open) = (line_timeout, self.phase) {
+                        self.restart_line_clock(scratch.out.len() > before, now, timeout);
+                    }
+                    if let Phase::Draining { unread } = &mut self.phase {
+                        *unread -= n;
+                        if *unread == 0 {
+                            self.end_drain(&mut scratch.out);
+                            break Ok(false);
                         }
                     }
-                    if n < want && !self.read_closed_hint {
-                        self.readable = false;
-                        return Ok((false, total));
+                    if n < want && !self.ready.read_past_short {
+                        self.ready.readable = false;
+                        break Ok(false);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    return Ok((false, total));
+                    self.ready.readable = false;
+                    self.ready.read_past_short = false;
+                    break Ok(false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(classify(e)),
+                Err(e) => break Err(classify(e)),
             }
+        };
+        result.map(|more| (more, total))
+    }
+
+    /// After a read: the line clock runs from the read that left a new
+    /// unterminated line (one that followed a reply, or the first bytes),
+    /// and stops when no line is held.
+    fn restart_line_clock(&mut self, replied: bool, now: Instant, timeout: Duration) {
+        if self.reverser.pending() == 0 {
+            self.line = LineClock::Clear;
+        } else if replied || self.line == LineClock::Clear {
+            self.line = LineClock::Running { due: now + timeout };
+        }
+    }
+
+    /// Flow control stops reading; the line clock stops with it.
+    fn pause(&mut self, now: Instant) {
+        self.flow = Flow::Paused;
+        if let LineClock::Running { due } = self.line {
+            self.line = LineClock::Stopped {
+                left: due.saturating_duration_since(now),
+            };
         }
     }
 
@@ -307,8 +572,8 @@ impl Connection {
     /// milliseconds during shutdown, and closes what remains at the end of
     /// the grace period.
     pub fn linger(&mut self, buf: &mut [u8]) -> Status {
-        if !self.lingering {
-            self.lingering = true;
+        if self.phase != Phase::Lingering {
+            self.phase = Phase::Lingering;
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
         }
         loop {
@@ -327,48 +592,50 @@ impl Connection {
         }
     }
 
-    /// Whether the connection is in its lingering close.
-    pub fn is_lingering(&self) -> bool {
-        self.lingering
-    }
-
     /// Sends this pass's replies (and any older pending ones) with at most one
     /// `send()`; keeps what the socket did not take. Returns the bytes sent.
     /// The caller clears `scratch.out` afterwards, on success and on error.
     fn flush(&mut self, scratch: &mut Scratch) -> Result<usize, CloseReason> {
-        if !scratch.out.is_empty() {
-            if !self.has_pending() && self.writable {
-                // The common case: nothing queued, so send straight from the
-                // shared buffer and copy only a tail the socket refused.
-                let n = write_once(&mut self.stream, &scratch.out, &mut self.writable)?;
-                if n < scratch.out.len() {
-                    self.pending.clear();
-                    self.sent = 0;
-                    self.pending.extend_from_slice(&scratch.out[n..]);
-                }
-                return Ok(n);
-            }
-            if self.sent > 0 {
-                self.pending.drain(..self.sent);
+        let n = if !scratch.out.is_empty() && !self.has_pending() && self.ready.writable {
+            // The common case: nothing queued, so send straight from the
+            // shared buffer and copy only a tail the socket refused.
+            let n = write_once(&mut self.stream, &scratch.out, &mut self.ready.writable)?;
+            if n < scratch.out.len() {
+                self.pending.clear();
                 self.sent = 0;
+                self.pending.extend_from_slice(&scratch.out[n..]);
             }
-            self.pending.extend_from_slice(&scratch.out);
-        }
-        if !self.has_pending() || !self.writable {
-            return Ok(0);
-        }
-        let n = write_once(
-            &mut self.stream,
-            &self.pending[self.sent..],
-            &mut self.writable,
-        )?;
-        self.sent += n;
-        if self.sent == self.pending.len() {
-            self.pending.clear();
-            self.sent = 0;
-            if self.pending.capacity() > KEEP_CAPACITY {
-                self.pending = Vec::new();
+            n
+        } else {
+            if !scratch.out.is_empty() {
+                if self.sent > 0 {
+                    self.pending.drain(..self.sent);
+                    self.sent = 0;
+                }
+                self.pending.extend_from_slice(&scratch.out);
             }
+            if !self.has_pending() || !self.ready.writable {
+                return Ok(0);
+            }
+            let n = write_once(
+                &mut self.stream,
+                &self.pending[self.sent..],
+                &mut self.ready.writable,
+            )?;
+            self.sent += n;
+            if self.sent == self.pending.len() {
+                self.pending.clear();
+                self.sent = 0;
+                if self.pending.capacity() > KEEP_CAPACITY {
+                    self.pending = Vec::new();
+                }
+            }
+            n
+        };
+        if !self.ready.writable {
+            // The socket refused bytes: remember how full its queue is, so a
+            // client that reads slowly can be seen to progress.
+            self.send_queue = unsent_bytes(&self.stream);
         }
         Ok(n)
     }
@@ -376,23 +643,41 @@ impl Connection {
 
 /// Bytes waiting in the socket's receive queue (`ioctl(FIONREAD)`).
 fn unread_bytes(stream: &TcpStream) -> usize {
-    queue_len(stream, libc::FIONREAD)
+    queue_len(stream, libc::FIONREAD) as usize
 }
 
 /// Bytes sent but not yet acknowledged by the peer, or not yet sent
 /// (`ioctl(TIOCOUTQ)`, a.k.a. SIOCOUTQ).
-fn unsent_bytes(stream: &TcpStream) -> usize {
+fn unsent_bytes(stream: &TcpStream) -> u32 {
     queue_len(stream, libc::TIOCOUTQ)
 }
 
 /// One of the socket queue-length ioctls; 0 if the call fails.
-fn queue_len(stream: &TcpStream, request: libc::Ioctl) -> usize {
+fn queue_len(stream: &TcpStream, request: libc::Ioctl) -> u32 {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD and TIOCOUTQ write one c_int through the pointer,
     // which points to a live local.
     let rc = unsafe { libc::ioctl(stream.as_raw_fd(), request, &mut n) };
-    if rc == 0 { n.max(0) as usize } else { 0 }
+    if rc == 0 { n.max(0) as u32 } else { 0 }
+}
+
+/// Whether the next thing in the receive queue is the peer's FIN: a
+/// non-blocking one-byte `MSG_PEEK` that returns 0. Data (sent after the
+/// shutdown began) or nothing at all both say no; nothing is consumed.
+fn peer_closed(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    // SAFETY: a valid fd and a valid one-byte buffer.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
 }
 
 /// One `send()` of `data` (retried on EINTR). A short write or `WouldBlock`
@@ -426,5 +711,37 @@ fn classify(e: io::Error) -> CloseReason {
         | io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionAborted => CloseReason::Reset(e),
         _ => CloseReason::Failed(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_connection_stays_small() {
+        let size = std::mem::size_of::<Connection>();
+        assert!(size <= IDLE_BYTES_BOUND, "Connection is {size} bytes");
+    }
+
+    #[test]
+    fn close_reasons_read_as_sentences() {
+        let after = Duration::from_secs(7);
+        assert_eq!(
+            CloseReason::Finished.to_string(),
+            "peer closed, all replies sent"
+        );
+        assert_eq!(
+            CloseReason::IdleTimeout {
+                stalled_writer: true,
+                after
+            }
+            .to_string(),
+            "client read nothing for 7 s"
+        );
+        assert_eq!(
+            CloseReason::LineTimeout { after }.to_string(),
+            "line not completed within 7 s"
+        );
     }
 }

@@ -56,49 +56,93 @@ pub fn resolve(addr: &ListenAddr) -> Result<SocketAddr, ListenError> {
 /// Creates a non-blocking listening socket on `at`: SO_REUSEADDR (restart
 /// without waiting out TIME_WAIT), SO_REUSEPORT when several workers each
 /// bind the same port, IPV6_V6ONLY for IPv6 (so `[::]:8001` and
-/// `0.0.0.0:8001` can both be opened), TCP_NODELAY, then bind and listen.
+/// `0.0.0.0:8001` can both be opened), TCP_NODELAY and SO_OOBINLINE, then
+/// bind and listen.
 ///
 /// TCP_NODELAY is for the connections: replies are written whole, once per
 /// pass, and Nagle's algorithm would only hold back a reply while an earlier
 /// one is unacknowledged (up to the client's delayed-ACK timer, 40 ms, for a
-/// pipelining client). Linux copies it from the listening socket to every
-/// socket `accept()` returns, so setting it here once saves a `setsockopt`
-/// per connection (`tests::accepted_sockets_inherit_nodelay` checks this).
+/// pipelining client). SO_OOBINLINE keeps TCP urgent data in the byte stream,
+/// in order, so it is answered like any other byte instead of being cut out
+/// of the line. Linux copies both from the listening socket to every socket
+/// `accept()` returns, so setting them here once saves two `setsockopt`s per
+/// connection (`tests::accepted_sockets_inherit_nodelay_and_oobinline`
+/// checks this).
 pub fn bind(
     addr: &ListenAddr,
     at: SocketAddr,
     reuse_port: bool,
 ) -> Result<std::net::TcpListener, ListenError> {
-    let step = |what: &'static str| {
-        move |e: io::Error| ListenError {
-            addr: addr.clone(),
-            reason: format!("{what}: {}", crate::os_reason(&e)),
-        }
-    };
+    let socket = socket_for(addr, at, reuse_port)?;
+    socket
+        .bind(&at.into())
+        .map_err(|e| failed(addr, "bind()", e))?;
+    socket
+        .listen(BACKLOG)
+        .map_err(|e| failed(addr, "listen()", e))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| failed(addr, "set non-blocking", e))?;
+    Ok(socket.into())
+}
+
+/// Checks that no socket of any process listens on `at`, and returns the
+/// address a socket could bind there (port 0 resolved to a free port).
+///
+/// Why: with several workers every socket of ours must set SO_REUSEPORT,
+/// and the kernel lets any other SO_REUSEPORT socket of the same user join
+/// the group — a second `xps -w 2` on the same port would start without
+/// error and silently take part of the traffic. A socket *without*
+/// SO_REUSEPORT cannot bind where any other socket listens, so binding one
+/// (and closing it again, without listening) proves the port is free before
+/// the workers' sockets are bound. A process that binds the port in the
+/// microseconds between the probe and the first worker socket is not caught.
+pub fn probe_free(addr: &ListenAddr, at: SocketAddr) -> Result<SocketAddr, ListenError> {
+    let socket = socket_for(addr, at, false)?;
+    socket
+        .bind(&at.into())
+        .map_err(|e| failed(addr, "bind()", e))?;
+    let local = socket
+        .local_addr()
+        .map_err(|e| failed(addr, "getsockname()", e))?;
+    local.as_socket().ok_or_else(|| ListenError {
+        addr: addr.clone(),
+        reason: "getsockname(): not an IP address".to_string(),
+    })
+}
+
+/// The [`ListenError`] for an OS error of one set-up step.
+fn failed(addr: &ListenAddr, what: &str, e: io::Error) -> ListenError {
+    ListenError {
+        addr: addr.clone(),
+        reason: format!("{what}: {}", crate::os_reason(&e)),
+    }
+}
+
+/// A TCP socket for `at` with every option of [`bind`], not yet bound.
+fn socket_for(addr: &ListenAddr, at: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
     let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))
-        .map_err(step("socket()"))?;
+        .map_err(|e| failed(addr, "socket()", e))?;
     socket
         .set_reuse_address(true)
-        .map_err(step("setsockopt(SO_REUSEADDR)"))?;
+        .map_err(|e| failed(addr, "setsockopt(SO_REUSEADDR)", e))?;
     if reuse_port {
         socket
             .set_reuse_port(true)
-            .map_err(step("setsockopt(SO_REUSEPORT)"))?;
+            .map_err(|e| failed(addr, "setsockopt(SO_REUSEPORT)", e))?;
     }
     if at.is_ipv6() {
         socket
             .set_only_v6(true)
-            .map_err(step("setsockopt(IPV6_V6ONLY)"))?;
+            .map_err(|e| failed(addr, "setsockopt(IPV6_V6ONLY)", e))?;
     }
     socket
         .set_tcp_nodelay(true)
-        .map_err(step("setsockopt(TCP_NODELAY)"))?;
-    socket.bind(&at.into()).map_err(step("bind()"))?;
-    socket.listen(BACKLOG).map_err(step("listen()"))?;
+        .map_err(|e| failed(addr, "setsockopt(TCP_NODELAY)", e))?;
     socket
-        .set_nonblocking(true)
-        .map_err(step("set non-blocking"))?;
-    Ok(socket.into())
+        .set_out_of_band_inline(true)
+        .map_err(|e| failed(addr, "setsockopt(SO_OOBINLINE)", e))?;
+    Ok(socket)
 }
 
 /// A listening socket attached to a worker's loop.
@@ -131,16 +175,23 @@ pub enum AcceptVerdict {
     Drained,
     /// A signal interrupted the call: try again at once.
     Retry,
-    /// That one connection failed (it was aborted or reset before we took it,
-    /// or a firewall refused it): skip it and accept the next.
+    /// That one connection failed (it was aborted or reset before we took
+    /// it): skip it and accept the next.
     SkipOne,
-    /// The process or system ran out of file descriptors or memory: pause
-    /// accepting on this listener for a moment instead of spinning on an
-    /// accept that will fail again.
+    /// The process or system ran out of file descriptors or memory, or the
+    /// error is not known to concern one connection: pause accepting on this
+    /// listener for a moment instead of spinning on an accept that will fail
+    /// again.
     BackOff,
 }
 
 /// Sorts an accept error into what the accept loop should do.
+///
+/// Only errors known to concern one pending connection are skipped; any
+/// other error — out of descriptors or memory, and anything unknown, such as
+/// EINVAL or an EPERM from a security module, which would fail again at once
+/// — backs off with a (rate-limited) warning, so no error can make the loop
+/// spin.
 pub fn classify_accept_error(e: &io::Error) -> AcceptVerdict {
     match e.kind() {
         io::ErrorKind::WouldBlock => return AcceptVerdict::Drained,
@@ -148,11 +199,23 @@ pub fn classify_accept_error(e: &io::Error) -> AcceptVerdict {
         _ => {}
     }
     match e.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptVerdict::BackOff,
-        // ECONNABORTED, EPROTO, EPERM, and the network errors Linux passes
-        // through accept(2) (ENETDOWN, EHOSTUNREACH …) concern one pending
-        // connection, not the listener.
-        _ => AcceptVerdict::SkipOne,
+        // The connection was aborted before we took it, or one of the
+        // network errors Linux passes through accept(2) for that connection
+        // (see accept(2), "Error handling").
+        Some(
+            libc::ECONNABORTED
+            | libc::EPROTO
+            | libc::ENETDOWN
+            | libc::ENOPROTOOPT
+            | libc::EHOSTDOWN
+            | libc::ENONET
+            | libc::EHOSTUNREACH
+            | libc::EOPNOTSUPP
+            | libc::ENETUNREACH
+            | libc::ETIMEDOUT
+            | libc::ECONNRESET,
+        ) => AcceptVerdict::SkipOne,
+        _ => AcceptVerdict::BackOff,
     }
 }
 
@@ -161,7 +224,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accepted_sockets_inherit_nodelay() {
+    fn accepted_sockets_inherit_nodelay_and_oobinline() {
         for host in ["127.0.0.1", "::1"] {
             let addr = ListenAddr {
                 host: host.to_string(),
@@ -178,7 +241,28 @@ mod tests {
             listener.set_nonblocking(false).unwrap();
             let (accepted, _) = listener.accept().unwrap();
             assert!(accepted.nodelay().unwrap(), "{host}: Nagle is on");
+            let accepted = Socket::from(accepted);
+            assert!(
+                accepted.out_of_band_inline().unwrap(),
+                "{host}: urgent data is not inline"
+            );
         }
+    }
+
+    #[test]
+    fn the_probe_finds_a_port_held_with_so_reuseport() {
+        let addr = ListenAddr {
+            host: "127.0.0.1".to_string(),
+            port: 0,
+        };
+        let at = resolve(&addr).unwrap();
+        let free = probe_free(&addr, at).unwrap();
+        assert_ne!(free.port(), 0, "port 0 is resolved");
+        let held = bind(&addr, free, true).unwrap();
+        let e = probe_free(&addr, held.local_addr().unwrap()).unwrap_err();
+        assert!(e.reason.contains("Address already in use"), "{e}");
+        // ...while a second SO_REUSEPORT socket alone would have joined it.
+        assert!(bind(&addr, held.local_addr().unwrap(), true).is_ok());
     }
 
     #[test]
@@ -208,6 +292,20 @@ mod tests {
             classify_accept_error(&os(libc::EPROTO)),
             AcceptVerdict::SkipOne
         );
+        // Unknown or persistent errors back off instead of spinning.
+        for errno in [
+            libc::EINVAL,
+            libc::EPERM,
+            libc::EBADF,
+            libc::ENOTSOCK,
+            libc::EFAULT,
+        ] {
+            assert_eq!(
+                classify_accept_error(&os(errno)),
+                AcceptVerdict::BackOff,
+                "errno {errno}"
+            );
+        }
         assert_eq!(
             classify_accept_error(&os(libc::EAGAIN)),
             AcceptVerdict::Drained
