@@ -77,7 +77,8 @@ fn a_pinging_client_is_not_delayed_by_two_bulk_streamers() {
     // lines as fast as the server answers them; a third sends `ping\n` and
     // waits for `gnip\n`, 200 times. Before the fix a bulk connection was
     // queued many times per turn, each copy reading 256 KiB, and a ping
-    // waited p50 21–27 ms; with each connection queued once it is ~1 ms.
+    // waited p50 18–55 ms here; with each connection queued once it is
+    // ~0.3 ms.
     let server = Server::start_n(1, &[]);
     let port = server.port();
     let stop = Arc::new(AtomicBool::new(false));
@@ -88,9 +89,11 @@ fn a_pinging_client_is_not_delayed_by_two_bulk_streamers() {
         let mut w = s;
         let stop_w = stop.clone();
         streamers.push(thread::spawn(move || {
-            let line = [b'x'; 1023];
+            // 1 MiB writes of 8 KiB lines: more than one read budget
+            // (256 KiB) waits on every turn.
+            let line = vec![b'x'; 8191];
             let mut chunk = Vec::new();
-            for _ in 0..64 {
+            for _ in 0..128 {
                 chunk.extend_from_slice(&line);
                 chunk.push(b'\n');
             }
