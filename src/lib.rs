@@ -21,6 +21,7 @@ pub mod config;
 pub mod core;
 pub mod event_loop;
 pub mod network;
+pub mod observe;
 pub mod protocol;
 pub mod server;
 pub mod slots;

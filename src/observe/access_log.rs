@@ -1,0 +1,1005 @@
+//! The access log (SPEC §5 `--access-log PATH`): one JSON object per line for
+//! every connection that ends, accepted or refused.
+//!
+//! ```text
+//! {"time":"2026-12-01T21:30:00.123Z","listener":"0.0.0.0:8001","client":"203.0.113.7:51234","worker":0,"duration_ms":12.5,"received":120,"sent":120,"lines":2,"end":"finished"}
+//! ```
+//!
+//! `"proxy":"ADDR"` (the balancer's own address) follows `"client"` when the
+//! connection came through a PROXY-protocol listener; `client` is then the
+//! address from the header.
+//!
+//! # Shape of the line
+//!
+//! * The fields are nginx's `$time_iso8601 $server_addr:$server_port
+//!   $remote_addr:$remote_port $request_time $bytes_received $bytes_sent` and
+//!   HAProxy's TCP log (`%ci:%cp %ft %Tt %U %B %ts`), as JSON because that is
+//!   what log shippers (Vector, Fluent Bit, Loki, jq) read without a grammar.
+//! * `time` is when the connection ended, RFC 3339 in UTC with milliseconds
+//!   (`Z`, never a local offset: lines from hosts in different zones sort).
+//!   It is computed here with Howard Hinnant's `civil_from_days`; a date crate
+//!   would be a dependency for twenty lines of arithmetic.
+//! * `duration_ms` has microsecond resolution (truncated, not rounded), printed
+//!   with the trailing zeros of the fraction removed but at least one decimal:
+//!   `12.5`, `0.042`, `3.0`. It is always a JSON number with a `.`.
+//! * `end` is the close or refuse reason of SPEC §5/§6 (`finished`, `reset`,
+//!   `error`, `idle_timeout`, `shutdown`, `denied`, `per_source_limit`,
+//!   `proxy_header`), the same labels as the metrics.
+//! * Nothing the client sent appears: a log line must not be a channel for
+//!   an attacker's bytes. The only free text is `listener`, which comes from
+//!   the operator's config and is JSON-escaped all the same.
+//!
+//! # Why a thread, and why drop rather than block
+//!
+//! A worker's event loop serves thousands of connections; one `write(2)` that
+//! waits for a slow or full disk would stall all of them. So workers only
+//! format the line (into a `String`, on their own core, no lock) and
+//! `try_send` it on a bounded channel; a dedicated thread owns the file,
+//! writes through a 64 KiB buffer and flushes at least once a second, at a
+//! reopen, and at shutdown. This is nginx's `access_log ... buffer= flush=`
+//! without its risk of the worker blocking when the buffer fills, and
+//! HAProxy's choice of never letting logging slow down traffic (it logs over
+//! a non-blocking UDP socket and drops when the receiver is behind).
+//!
+//! When the writer falls behind and the queue is full, the line is dropped
+//! and a counter the caller shares with the metrics
+//! (`xps_access_log_dropped_total`) is incremented: the server is never
+//! blocked, and the operator can see exactly how many lines are missing. The
+//! queue is bounded (by default [`DEFAULT_CAPACITY`] lines, a few MiB at
+//! most) so a stalled disk cannot grow memory either.
+//!
+//! # Rotation and reload
+//!
+//! [`AccessLog::reopen`] is logrotate's convention (SIGUSR1, also SIGHUP):
+//! logrotate renames the file, then signals; the writer flushes what it holds
+//! into the old (renamed) file, opens the path again (creating it) and goes
+//! on. The request travels through the same queue as the lines, so every line
+//! logged before `reopen` returns lands in the old file and every line logged
+//! after it in the new one. Only when the queue is full is the request taken
+//! out of band (a flag the writer checks before each line), and then lines
+//! already queued may land in the new file; none is lost because of it.
+//! [`AccessLog::reopen_at`] does the same with a new path, for a reload that
+//! changes `access_log`.
+//!
+//! Errors: the first open (in [`open`]) is done by the caller's thread and
+//! its error returned, so start-up fails with a clear message. A failed
+//! reopen is logged once and the writer keeps writing to the old file (and
+//! keeps its old path). Failed writes are logged once until a write succeeds
+//! again; the lines that could not be written are counted as dropped.
+//!
+//! The path `-` means stdout. The file is opened with `O_APPEND` (so
+//! `copytruncate` and several writers are safe) and created with mode `0640`
+//! (before the umask).
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::utils::logger::Level;
+use crate::xps_log;
+
+/// Lines the queue holds before new ones are dropped: about a second of a very
+/// busy server's connection ends, a few MiB of memory.
+pub const DEFAULT_CAPACITY: usize = 8192;
+
+/// The writer flushes a line at most this long after it was written into its
+/// buffer.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Size of the writer's buffer: one `write(2)` per this many bytes at most.
+const BUFFER_BYTES: usize = 64 * 1024;
+
+/// Where the logger's lines say they come from.
+const SOURCE: &str = "xps_access_log()";
+
+/// One connection that ended, as the access log records it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// When the connection ended (closed or refused).
+    pub time: SystemTime,
+    /// The listener's address as the config names it (`0.0.0.0:8001`); shared
+    /// by all connections of that listener.
+    pub listener: Arc<str>,
+    /// The client: the peer address, or on a PROXY-protocol listener the
+    /// source address from the header.
+    pub client: SocketAddr,
+    /// On a PROXY-protocol listener, the balancer's own address (the TCP
+    /// peer); `None` on plain listeners (and then no `proxy` field is written).
+    pub proxy: Option<SocketAddr>,
+    /// The worker that served the connection (0-based).
+    pub worker: usize,
+    /// From accept to the end.
+    pub duration: Duration,
+    /// Bytes read from the client (after any PROXY header).
+    pub received: u64,
+    /// Bytes written to the client.
+    pub sent: u64,
+    /// Replies sent (lines and overlong segments).
+    pub lines: u64,
+    /// Why it ended: `finished`, `reset`, `error`, `idle_timeout`, `shutdown`,
+    /// `denied`, `per_source_limit` or `proxy_header`.
+    pub end: &'static str,
+}
+
+/// Appends `r` as one JSON object and a `\n` to `out`. Pure; the field order
+/// is fixed (SPEC §5).
+pub fn format_record(r: &Record, out: &mut String) {
+    out.push_str("{\"time\":\"");
+    rfc3339_millis(r.time, out);
+    out.push_str("\",\"listener\":\"");
+    json_escape(&r.listener, out);
+    // A SocketAddr prints only hex digits, `.`, `:`, `[`, `]` and `%`: no
+    // escaping needed.
+    let _ = write!(out, "\",\"client\":\"{}\"", r.client);
+    if let Some(proxy) = r.proxy {
+        let _ = write!(out, ",\"proxy\":\"{proxy}\"");
+    }
+    let _ = write!(out, ",\"worker\":{},\"duration_ms\":", r.worker);
+    duration_ms(r.duration, out);
+    let _ = write!(
+        out,
+        ",\"received\":{},\"sent\":{},\"lines\":{},\"end\":\"",
+        r.received, r.sent, r.lines
+    );
+    json_escape(r.end, out);
+    out.push_str("\"}\n");
+}
+
+/// Milliseconds with microsecond resolution: at least one decimal, trailing
+/// zeros of the fraction removed (`12.5`, `0.042`, `3.0`).
+fn duration_ms(d: Duration, out: &mut String) {
+    let micros = d.as_micros();
+    let _ = write!(out, "{}.", micros / 1000);
+    let frac = (micros % 1000) as u32;
+    let (digits, width) = match frac {
+        0 => (0, 1),
+        f if f % 100 == 0 => (f / 100, 1),
+        f if f % 10 == 0 => (f / 10, 2),
+        f => (f, 3),
+    };
+    let _ = write!(out, "{digits:0width$}");
+}
+
+/// Appends `s` as the inside of a JSON string: `"` and `\` escaped, control
+/// characters as `\n`, `\r`, `\t`, `\b`, `\f` or `\u00XX`; everything else
+/// (including non-ASCII, already valid UTF-8) as is (RFC 8259 §7).
+fn json_escape(s: &str, out: &mut String) {
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `b` is ASCII, so `i` and `i + 1` are char boundaries.
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+}
+
+/// Appends `t` as RFC 3339 in UTC with milliseconds:
+/// `2026-12-01T21:30:00.123Z`. Pure. Sub-millisecond parts are truncated
+/// (floored, also before 1970); instants outside years 0000–9999, which RFC
+/// 3339 cannot write, are clamped to its first or last millisecond.
+pub fn rfc3339_millis(t: SystemTime, out: &mut String) {
+    // Milliseconds since the epoch, floored.
+    let ms: i128 = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_millis()).min(i128::MAX as u128) as i128,
+        Err(e) => {
+            let nanos = e.duration().as_nanos().min(i128::MAX as u128 / 2) as i128;
+            -((nanos + 999_999) / 1_000_000)
+        }
+    };
+    // 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+    const MIN_MS: i128 = -62_167_219_200_000;
+    const MAX_MS: i128 = 253_402_300_799_999;
+    let ms = ms.clamp(MIN_MS, MAX_MS) as i64;
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    );
+}
+
+/// Days since 1970-01-01 → (year, month 1–12, day 1–31) in the proleptic
+/// Gregorian calendar. Howard Hinnant, "chrono-Compatible Low-Level Date
+/// Algorithms" (<https://howardhinnant.github.io/date_algorithms.html>).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March first
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// What the writer thread is asked to do, in queue order.
+enum Msg {
+    /// A formatted line, `\n` included.
+    Line(String),
+    /// Flush, reopen the current path (`None`) or open a new one.
+    Reopen(Option<PathBuf>),
+    /// Nothing: look at the out-of-band reopen flag.
+    Wake,
+    /// Flush everything and end the thread.
+    Close,
+    /// Test only: acknowledge, then wait until the gate opens (or closes).
+    #[cfg(test)]
+    Pause(SyncSender<()>, Receiver<()>),
+}
+
+/// The out-of-band reopen request, used only when the queue is full.
+struct Pending {
+    /// Set (SeqCst) after `path` is stored; the writer swaps it back before
+    /// each message.
+    flag: AtomicBool,
+    /// The new path of a `reopen_at`; `None` for a plain reopen.
+    path: Mutex<Option<PathBuf>>,
+}
+
+/// The handle workers log through: cheap to clone (one `Arc` and a channel
+/// sender), `Send` and `Sync`. Logging never blocks.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: SyncSender<Msg>,
+    pending: Arc<Pending>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog").finish_non_exhaustive()
+    }
+}
+
+impl AccessLog {
+    /// Formats `r` and queues it for the writer. If the queue is full (or the
+    /// writer has ended), the line is dropped and the dropped counter
+    /// incremented. Never blocks, never touches the disk.
+    pub fn log(&self, r: &Record) {
+        let mut line = String::with_capacity(224);
+        format_record(r, &mut line);
+        if self.tx.try_send(Msg::Line(line)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the writer to flush and reopen its current path (logrotate:
+    /// SIGUSR1 / SIGHUP). Returns at once; see the module docs for ordering.
+    pub fn reopen(&self) {
+        self.request(None);
+    }
+
+    /// Asks the writer to flush and switch to `path` (`-` = stdout), for a
+    /// reload that changes `access_log`. If it cannot be opened, the error is
+    /// logged and the writer keeps its old file and path. Returns at once.
+    pub fn reopen_at(&self, path: PathBuf) {
+        self.request(Some(path));
+    }
+
+    fn request(&self, path: Option<PathBuf>) {
+        match self.tx.try_send(Msg::Reopen(path)) {
+            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(msg)) => {
+                let Msg::Reopen(path) = msg else { return };
+                {
+                    let mut p = self.pending.path.lock().unwrap_or_else(|e| e.into_inner());
+                    // A new path wins over a plain reopen asked before it.
+                    if path.is_some() {
+                        *p = path;
+                    }
+                }
+                self.pending.flag.store(true, Ordering::SeqCst);
+                // If the writer drained the queue meanwhile and sleeps, wake
+                // it; if the queue is still full, it has lines to take and
+                // checks the flag before each.
+                let _ = self.tx.try_send(Msg::Wake);
+            }
+        }
+    }
+}
+
+/// Owns the writer thread. [`close`](AccessLogWriter::close) (or dropping it)
+/// writes and flushes everything queued before it, then joins the thread.
+/// Close it after the workers have stopped logging: lines logged afterwards
+/// are counted as dropped.
+pub struct AccessLogWriter {
+    tx: SyncSender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for AccessLogWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLogWriter").finish_non_exhaustive()
+    }
+}
+
+impl AccessLogWriter {
+    /// Flushes everything queued and joins the writer thread. Waits for the
+    /// disk (this is the one place that may): call it at shutdown, not from an
+    /// event loop.
+    pub fn close(self) {
+        drop(self);
+    }
+}
+
+impl Drop for AccessLogWriter {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // Blocking send: waits for room behind the queued lines, which
+            // are all written before the writer sees Close.
+            let _ = self.tx.send(Msg::Close);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens `path` (`-` = stdout) for appending and starts the writer thread with
+/// a queue of [`DEFAULT_CAPACITY`] lines. `dropped` counts the lines that
+/// could not be queued or written (for `xps_access_log_dropped_total`).
+/// Errors: the file cannot be opened or created, or the thread not started.
+pub fn open(path: &Path, dropped: Arc<AtomicU64>) -> io::Result<(AccessLog, AccessLogWriter)> {
+    open_with_capacity(path, DEFAULT_CAPACITY, dropped)
+}
+
+/// [`open`] with a queue of `capacity` lines (at least 1).
+pub fn open_with_capacity(
+    path: &Path,
+    capacity: usize,
+    dropped: Arc<AtomicU64>,
+) -> io::Result<(AccessLog, AccessLogWriter)> {
+    let sink = Sink::open(path)?;
+    let (tx, rx) = mpsc::sync_channel(capacity.max(1));
+    let pending = Arc::new(Pending {
+        flag: AtomicBool::new(false),
+        path: Mutex::new(None),
+    });
+    let mut writer = Writer {
+        sink,
+        rx,
+        pending: Arc::clone(&pending),
+        dropped: Arc::clone(&dropped),
+        dirty_since: None,
+        write_failing: false,
+    };
+    let thread = std::thread::Builder::new()
+        .name("xps-access-log".into())
+        .spawn(move || writer.run())?;
+    Ok((
+        AccessLog {
+            tx: tx.clone(),
+            pending,
+            dropped,
+        },
+        AccessLogWriter {
+            tx,
+            thread: Some(thread),
+        },
+    ))
+}
+
+/// Where the lines go: a path (or stdout) and the buffered writer for it.
+struct Sink {
+    /// `None` for stdout.
+    path: Option<PathBuf>,
+    out: BufWriter<Box<dyn Write + Send>>,
+}
+
+impl Sink {
+    fn open(path: &Path) -> io::Result<Sink> {
+        let (path, w): (_, Box<dyn Write + Send>) = if path.as_os_str() == "-" {
+            (None, Box::new(io::stdout()))
+        } else {
+            let f: File = OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o640)
+                .open(path)?;
+            (Some(path.to_path_buf()), Box::new(f))
+        };
+        Ok(Sink {
+            path,
+            out: BufWriter::with_capacity(BUFFER_BYTES, w),
+        })
+    }
+
+    fn name(&self) -> String {
+        match &self.path {
+            Some(p) => format!("{p:?}"),
+            None => "stdout".to_string(),
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    sink: Sink,
+    rx: Receiver<Msg>,
+    pending: Arc<Pending>,
+    dropped: Arc<AtomicU64>,
+    /// When the oldest unflushed line was written into the buffer.
+    dirty_since: Option<Instant>,
+    /// A write or flush failed and was logged; log again only after a success.
+    write_failing: bool,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        loop {
+            // Idle with nothing buffered: sleep until a message, no timer.
+            let msg = match self.dirty_since {
+                None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(t) => self
+                    .rx
+                    .recv_timeout((t + FLUSH_INTERVAL).saturating_duration_since(Instant::now())),
+            };
+            if self.pending.flag.swap(false, Ordering::SeqCst) {
+                let path = self
+                    .pending
+                    .path
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take();
+                self.reopen(path);
+            }
+            match msg {
+                Ok(Msg::Line(line)) => self.write_line(line.as_bytes()),
+                Ok(Msg::Reopen(path)) => self.reopen(path),
+                Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+                #[cfg(test)]
+                Ok(Msg::Pause(ack, gate)) => {
+                    let _ = ack.send(());
+                    let _ = gate.recv();
+                }
+            }
+            if self
+                .dirty_since
+                .is_some_and(|t| t.elapsed() >= FLUSH_INTERVAL)
+            {
+                self.flush();
+            }
+        }
+    }
+
+    fn write_line(&mut self, line: &[u8]) {
+        match self.sink.out.write_all(line) {
+            Ok(()) => {
+                self.dirty_since.get_or_insert_with(Instant::now);
+            }
+            Err(e) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.failed("write to", &e);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.dirty_since = None;
+        match self.sink.out.flush() {
+            Ok(()) => self.write_failing = false,
+            Err(e) => self.failed("write to", &e),
+        }
+    }
+
+    fn failed(&mut self, what: &str, e: &io::Error) {
+        if !self.write_failing {
+            self.write_failing = true;
+            xps_log!(
+                Level::Error,
+                SOURCE,
+                "cannot {what} access log {}: {} (lines are dropped and counted until it works again)",
+                self.sink.name(),
+                crate::os_reason(e)
+            );
+        }
+    }
+
+    /// Flushes into the old file, then opens `path` (or the current path
+    /// again) and switches to it; on failure logs once and keeps the old one.
+    fn reopen(&mut self, path: Option<PathBuf>) {
+        self.flush();
+        let target = match path.or_else(|| self.sink.path.clone()) {
+            Some(p) => p,
+            None => return, // stdout stays stdout
+        };
+        match Sink::open(&target) {
+            Ok(sink) => {
+                // The old BufWriter is empty: dropping it only closes the file.
+                self.sink = sink;
+                self.write_failing = false;
+            }
+            Err(e) => xps_log!(
+                Level::Error,
+                SOURCE,
+                "cannot open access log {target:?}: {}; still writing to {}",
+                crate::os_reason(&e),
+                self.sink.name()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn rfc(t: SystemTime) -> String {
+        let mut s = String::new();
+        rfc3339_millis(t, &mut s);
+        s
+    }
+
+    fn record() -> Record {
+        Record {
+            time: at(1_796_160_600_123),
+            listener: Arc::from("0.0.0.0:8001"),
+            client: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)), 51234),
+            proxy: None,
+            worker: 0,
+            duration: Duration::from_micros(12_500),
+            received: 120,
+            sent: 120,
+            lines: 2,
+            end: "finished",
+        }
+    }
+
+    fn fmt(r: &Record) -> String {
+        let mut s = String::new();
+        format_record(r, &mut s);
+        s
+    }
+
+    #[test]
+    fn spec_example_exact() {
+        assert_eq!(
+            fmt(&record()),
+            "{\"time\":\"2026-12-01T21:30:00.123Z\",\"listener\":\"0.0.0.0:8001\",\
+             \"client\":\"203.0.113.7:51234\",\"worker\":0,\"duration_ms\":12.5,\
+             \"received\":120,\"sent\":120,\"lines\":2,\"end\":\"finished\"}\n"
+        );
+    }
+
+    #[test]
+    fn proxy_and_ipv6() {
+        let mut r = record();
+        r.client = SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)),
+            443,
+        );
+        r.proxy = Some("10.0.0.2:40000".parse().unwrap());
+        r.worker = 3;
+        r.end = "proxy_header";
+        r.duration = Duration::from_micros(42);
+        r.received = 0;
+        r.sent = 0;
+        r.lines = 0;
+        assert_eq!(
+            fmt(&r),
+            "{\"time\":\"2026-12-01T21:30:00.123Z\",\"listener\":\"0.0.0.0:8001\",\
+             \"client\":\"[2001:db8::7]:443\",\"proxy\":\"10.0.0.2:40000\",\"worker\":3,\
+             \"duration_ms\":0.042,\"received\":0,\"sent\":0,\"lines\":0,\"end\":\"proxy_header\"}\n"
+        );
+    }
+
+    #[test]
+    fn listener_is_escaped() {
+        let mut r = record();
+        r.listener = Arc::from("a\"b\n");
+        let s = fmt(&r);
+        assert!(s.contains(r#""listener":"a\"b\n","#), "{s}");
+        let mut r = record();
+        r.listener = Arc::from("\\\t\r\u{8}\u{c}\u{1}\u{1f}é\u{7f}");
+        let s = fmt(&r);
+        assert!(s.contains(r#""listener":"\\\t\r\b\f\u0001\u001fé"#), "{s}");
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["listener"], "\\\t\r\u{8}\u{c}\u{1}\u{1f}é\u{7f}");
+    }
+
+    #[test]
+    fn output_is_valid_json_with_the_same_values() {
+        let mut r = record();
+        r.listener = Arc::from("[::1]:8001 \"x\"");
+        r.proxy = Some("[::1]:9".parse().unwrap());
+        let s = fmt(&r);
+        assert!(s.ends_with("}\n") && s.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["listener"], "[::1]:8001 \"x\"");
+        assert_eq!(v["proxy"], "[::1]:9");
+        assert_eq!(v["duration_ms"].as_f64(), Some(12.5));
+        assert_eq!(v["lines"], 2);
+    }
+
+    #[test]
+    fn duration_forms() {
+        let d = |us: u64| {
+            let mut s = String::new();
+            duration_ms(Duration::from_micros(us), &mut s);
+            s
+        };
+        assert_eq!(d(0), "0.0");
+        assert_eq!(d(3_000), "3.0");
+        assert_eq!(d(12_500), "12.5");
+        assert_eq!(d(12_560), "12.56");
+        assert_eq!(d(12_567), "12.567");
+        assert_eq!(d(1), "0.001");
+        assert_eq!(d(10), "0.01");
+        assert_eq!(d(100), "0.1");
+        assert_eq!(d(86_400_000_000), "86400000.0");
+        let mut s = String::new();
+        duration_ms(Duration::from_nanos(999), &mut s); // truncated
+        assert_eq!(s, "0.0");
+        let mut s = String::new();
+        duration_ms(Duration::MAX, &mut s); // no panic, no overflow
+        assert!(s.starts_with("18446744073709551615"), "{s}");
+    }
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc(at(1_796_160_600_123)), "2026-12-01T21:30:00.123Z");
+        assert_eq!(rfc(at(951_868_799_999)), "2000-02-29T23:59:59.999Z");
+        assert_eq!(rfc(at(951_868_800_000)), "2000-03-01T00:00:00.000Z");
+        assert_eq!(rfc(at(1_709_208_000_000)), "2024-02-29T12:00:00.000Z");
+        assert_eq!(rfc(at(4_107_542_400_000)), "2100-03-01T00:00:00.000Z");
+        assert_eq!(rfc(at(4_107_542_399_000)), "2100-02-28T23:59:59.000Z");
+        assert_eq!(rfc(at(253_402_300_799_999)), "9999-12-31T23:59:59.999Z");
+        // Sub-millisecond parts are truncated.
+        assert_eq!(
+            rfc(UNIX_EPOCH + Duration::from_nanos(1_999_999)),
+            "1970-01-01T00:00:00.001Z"
+        );
+    }
+
+    #[test]
+    fn rfc3339_before_epoch_and_clamped() {
+        assert_eq!(
+            rfc(UNIX_EPOCH - Duration::from_nanos(1)),
+            "1969-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            rfc(UNIX_EPOCH - Duration::from_millis(1000)),
+            "1969-12-31T23:59:59.000Z"
+        );
+        assert_eq!(
+            rfc(UNIX_EPOCH - Duration::from_secs(2_208_988_800)),
+            "1900-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc(UNIX_EPOCH + Duration::from_secs(400 * 366 * 86_400 * 100)),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            rfc(UNIX_EPOCH - Duration::from_secs(400 * 366 * 86_400 * 100)),
+            "0000-01-01T00:00:00.000Z"
+        );
+    }
+
+    /// Every day from 1600-03-01 to 2500 against a naive day-by-day calendar.
+    #[test]
+    fn civil_from_days_matches_a_naive_calendar() {
+        let leap = |y: i64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+        let len = |y: i64, m: u32| match m {
+            2 if leap(y) => 29,
+            2 => 28,
+            4 | 6 | 9 | 11 => 30,
+            _ => 31,
+        };
+        // 1600-03-01 is day -135080 (checked against Python's datetime).
+        let mut days = -135_080_i64;
+        let (mut y, mut m, mut d) = (1600_i64, 3_u32, 1_u32);
+        assert_eq!(civil_from_days(days), (y, m, d));
+        while y < 2500 {
+            assert_eq!(civil_from_days(days), (y, m, d), "day {days}");
+            days += 1;
+            d += 1;
+            if d > len(y, m) {
+                d = 1;
+                m += 1;
+                if m > 12 {
+                    m = 1;
+                    y += 1;
+                }
+            }
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "xps-alog-{}-{name}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn lines_of(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn numbered(n: u64) -> Record {
+        let mut r = record();
+        r.lines = n;
+        r
+    }
+
+    fn line_numbers(path: &Path) -> Vec<u64> {
+        lines_of(path)
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["lines"].as_u64().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn open_error_is_returned() {
+        let dropped = Arc::new(AtomicU64::new(0));
+        let err = open(Path::new("/nonexistent-xps-dir/a.log"), dropped).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn created_with_mode_0640() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tmpdir("mode");
+        let path = dir.join("a.log");
+        let (_log, w) = open(&path, Arc::new(AtomicU64::new(0))).unwrap();
+        w.close();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & !0o640, 0, "mode {mode:o}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn lines_appear_within_a_second_without_close() {
+        let dir = tmpdir("flush");
+        let path = dir.join("a.log");
+        let (log, w) = open(&path, Arc::new(AtomicU64::new(0))).unwrap();
+        let start = Instant::now();
+        log.log(&numbered(1));
+        while lines_of(&path).is_empty() && start.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let waited = start.elapsed();
+        assert_eq!(line_numbers(&path), vec![1]);
+        assert!(waited < Duration::from_millis(2500), "{waited:?}");
+        w.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn close_flushes_everything_and_appends() {
+        let dir = tmpdir("close");
+        let path = dir.join("a.log");
+        std::fs::write(&path, "old\n").unwrap();
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (log, w) = open(&path, Arc::clone(&dropped)).unwrap();
+        let clones: Vec<_> = (0..4).map(|_| log.clone()).collect();
+        let threads: Vec<_> = clones
+            .into_iter()
+            .enumerate()
+            .map(|(t, l)| {
+                std::thread::spawn(move || {
+                    for i in 0..500 {
+                        l.log(&numbered(t as u64 * 1000 + i));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        w.close();
+        assert_eq!(dropped.load(Ordering::Relaxed), 0);
+        let all = lines_of(&path);
+        assert_eq!(all[0], "old");
+        assert_eq!(all.len(), 2001);
+        let mut nums: Vec<u64> = all[1..]
+            .iter()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["lines"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        nums.sort_unstable();
+        let want: Vec<u64> = (0..4)
+            .flat_map(|t| (0..500).map(move |i| t * 1000 + i))
+            .collect();
+        assert_eq!(nums, want);
+        // Logging after close drops and counts, never blocks or panics.
+        log.log(&numbered(9));
+        log.reopen();
+        assert_eq!(dropped.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rename_then_reopen_starts_a_fresh_file() {
+        let dir = tmpdir("rotate");
+        let path = dir.join("a.log");
+        let rotated = dir.join("a.log.1");
+        let (log, w) = open(&path, Arc::new(AtomicU64::new(0))).unwrap();
+        for i in 0..3 {
+            log.log(&numbered(i));
+        }
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        for i in 3..5 {
+            log.log(&numbered(i));
+        }
+        w.close();
+        assert_eq!(line_numbers(&rotated), vec![0, 1, 2]);
+        assert_eq!(line_numbers(&path), vec![3, 4]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn reopen_at_moves_to_a_new_path() {
+        let dir = tmpdir("move");
+        let a = dir.join("a.log");
+        let b = dir.join("b.log");
+        let (log, w) = open(&a, Arc::new(AtomicU64::new(0))).unwrap();
+        log.log(&numbered(0));
+        log.reopen_at(b.clone());
+        log.log(&numbered(1));
+        // A plain reopen now reopens the new path.
+        log.reopen();
+        log.log(&numbered(2));
+        w.close();
+        assert_eq!(line_numbers(&a), vec![0]);
+        assert_eq!(line_numbers(&b), vec![1, 2]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn reopen_at_unwritable_path_keeps_the_old_file() {
+        let dir = tmpdir("keep");
+        let a = dir.join("a.log");
+        let (log, w) = open(&a, Arc::new(AtomicU64::new(0))).unwrap();
+        log.log(&numbered(0));
+        log.reopen_at(PathBuf::from("/nonexistent-xps-dir/b.log"));
+        log.log(&numbered(1));
+        // The old path is still the current one.
+        std::fs::rename(&a, dir.join("a.log.1")).unwrap();
+        log.reopen();
+        log.log(&numbered(2));
+        w.close();
+        assert_eq!(line_numbers(&dir.join("a.log.1")), vec![0, 1]);
+        assert_eq!(line_numbers(&a), vec![2]);
+        assert!(!Path::new("/nonexistent-xps-dir").exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Stops the writer thread until the returned sender is dropped.
+    fn pause(w: &AccessLogWriter) -> SyncSender<()> {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let (gate_tx, gate_rx) = mpsc::sync_channel(1);
+        w.tx.send(Msg::Pause(ack_tx, gate_rx)).unwrap();
+        ack_rx.recv().unwrap();
+        gate_tx
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_without_blocking() {
+        let dir = tmpdir("full");
+        let path = dir.join("a.log");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (log, w) = open_with_capacity(&path, 4, Arc::clone(&dropped)).unwrap();
+        let gate = pause(&w);
+        let start = Instant::now();
+        for i in 0..1000 {
+            log.log(&numbered(i));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(dropped.load(Ordering::Relaxed), 996);
+        drop(gate);
+        w.close();
+        assert_eq!(line_numbers(&path), vec![0, 1, 2, 3]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn reopen_on_a_full_queue_still_happens() {
+        let dir = tmpdir("fullreopen");
+        let a = dir.join("a.log");
+        let b = dir.join("b.log");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (log, w) = open_with_capacity(&a, 2, Arc::clone(&dropped)).unwrap();
+        let gate = pause(&w);
+        log.log(&numbered(0));
+        log.log(&numbered(1));
+        let start = Instant::now();
+        log.reopen_at(b.clone()); // queue full: out of band, never blocks
+        assert!(start.elapsed() < Duration::from_secs(1));
+        drop(gate);
+        // The writer takes the request before the queued lines.
+        log.log(&numbered(2)); // may be dropped if the queue is still full
+        w.close();
+        let in_b = line_numbers(&b);
+        assert!(line_numbers(&a).is_empty());
+        let d = dropped.load(Ordering::Relaxed);
+        assert!(in_b.len() as u64 + d == 3, "{in_b:?} dropped {d}");
+        assert_eq!(&in_b[..2], &[0, 1]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    proptest::proptest! {
+        /// Any listener string round-trips through the JSON, and the line
+        /// stays one line.
+        #[test]
+        fn any_listener_round_trips(listener in "\\PC*|[\\x00-\\x7f]*", ms in 0u64..400_000_000_000_000) {
+            let mut r = record();
+            r.listener = Arc::from(listener.as_str());
+            r.time = at(ms);
+            let s = fmt(&r);
+            proptest::prop_assert_eq!(s.matches('\n').count(), 1);
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            proptest::prop_assert_eq!(v["listener"].as_str(), Some(listener.as_str()));
+            proptest::prop_assert_eq!(v["time"].as_str().map(str::len), Some(24));
+        }
+    }
+
+    #[test]
+    fn handle_is_clone_send_sync() {
+        fn ok<T: Clone + Send + Sync>() {}
+        ok::<AccessLog>();
+        fn send<T: Send>() {}
+        send::<AccessLogWriter>();
+    }
+}
