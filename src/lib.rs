@@ -20,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod event_loop;
 pub mod network;
+pub mod observe;
 pub mod protocol;
 pub mod server;
 pub mod utils;

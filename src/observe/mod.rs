@@ -1,0 +1,6 @@
+//! Beyond Stage 6: what lets an operator see inside the server (SPEC §5).
+//!
+//! * [`metrics`]: per-worker counters that cost the line path no lock and no
+//!   shared cache line, summed by a scrape thread into the Prometheus text
+//!   format behind `--metrics HOST:PORT`.
+pub mod metrics;
