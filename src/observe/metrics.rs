@@ -321,6 +321,17 @@ impl Drop for ListenerCounter {
 /// One worker's counting handle: unique, `Send`, not `Sync` (see the module
 /// docs). Every method is a couple of plain stores into the worker's own
 /// block: call them per read pass or per connection event.
+///
+/// Not `Sync`, so two threads can never write one block at once:
+/// ```compile_fail
+/// fn shared<T: Sync>() {}
+/// shared::<xps::observe::metrics::WorkerMetrics>();
+/// ```
+/// and the same for a listener's counter:
+/// ```compile_fail
+/// fn shared<T: Sync>() {}
+/// shared::<xps::observe::metrics::ListenerCounter>();
+/// ```
 #[derive(Debug)]
 pub struct WorkerMetrics {
     block: Arc<WorkerBlock>,
