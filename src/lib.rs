@@ -16,6 +16,7 @@
 //! | `xps_config`               | [`config`]               | command line and JSON config       |
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
 
+pub mod admission;
 pub mod config;
 pub mod core;
 pub mod event_loop;
