@@ -17,6 +17,7 @@
 //! | (beyond Stage 6)           | [`slots`]                | `--max-connections` slots as guards |
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
 
+pub mod admission;
 pub mod config;
 pub mod core;
 pub mod event_loop;
