@@ -17,6 +17,7 @@
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
 
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod event_loop;
 pub mod network;
