@@ -19,6 +19,7 @@
 
 pub mod admission;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod event_loop;
 pub mod network;
