@@ -72,7 +72,7 @@ pub struct Cli {
 
     /// Close connections with no traffic for this long; 0 = never
     /// [default: 300].
-    #[arg(short = 't', long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
     pub idle_timeout: Option<u64>,
 
     /// Close a connection whose unterminated line is not completed within
@@ -80,6 +80,23 @@ pub struct Cli {
     /// segment of an overlong line restarts it); 0 = never [default: 60].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=(1 << 32)))]
     pub line_timeout: Option<u64>,
+
+    /// Check the options and the config (resolving every host, binding
+    /// nothing) and exit: 0 if they are good, else the start-up error and
+    /// status.
+    #[arg(short = 't', long)]
+    pub check: bool,
+
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics)
+    /// [default: the config's "metrics", else off].
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_listen_arg)]
+    pub metrics: Option<ListenAddr>,
+
+    /// Write one JSON line per ended connection to PATH ("-" = stdout)
+    /// [default: the config's "access_log", else off]. SIGUSR1 and SIGHUP
+    /// reopen it.
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
 
     /// error, warn, info or debug [default: info, or debug with XPS_DEBUG=1 or
     /// RUST_LOG=debug].
@@ -124,6 +141,10 @@ pub struct Settings {
     pub line_timeout: Option<Duration>,
     /// Config keys accepted but not served by this release, for one warning.
     pub ignored_keys: Vec<String>,
+    /// `--metrics`: where to serve the Prometheus endpoint.
+    pub metrics: Option<ListenAddr>,
+    /// `--access-log`: where to write the access log (`-` = stdout).
+    pub access_log: Option<PathBuf>,
 }
 
 /// A bad config file or option value: exit status 2.
@@ -186,6 +207,10 @@ struct ConfigFile {
     server_name: Option<String>,
     #[serde(default)]
     workers: Option<u64>,
+    #[serde(default)]
+    metrics: Option<String>,
+    #[serde(default)]
+    access_log: Option<String>,
     servers: Vec<ServerSection>,
     #[serde(flatten)]
     other: Map<String, Value>,
@@ -215,6 +240,10 @@ pub struct FileConfig {
     pub workers: Option<usize>,
     /// Names of keys accepted but not served (deduplicated, sorted).
     pub ignored_keys: Vec<String>,
+    /// `metrics`, if present.
+    pub metrics: Option<ListenAddr>,
+    /// `access_log`, if present.
+    pub access_log: Option<PathBuf>,
 }
 
 /// Reads and checks a config file.
@@ -278,10 +307,21 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
     if listeners.is_empty() {
         return Err("no listeners: servers[].listeners[] names none".to_string());
     }
+    let metrics = file
+        .metrics
+        .as_deref()
+        .map(|m| parse_listen_arg(m).map_err(|e| format!("metrics: {e}")))
+        .transpose()?;
+    let access_log = match file.access_log.as_deref() {
+        Some("") => return Err("access_log is empty".to_string()),
+        other => other.map(PathBuf::from),
+    };
     Ok(FileConfig {
         listeners,
         workers,
         ignored_keys: ignored.into_iter().collect(),
+        metrics,
+        access_log,
     })
 }
 
@@ -329,6 +369,12 @@ impl Settings {
             max_line: cli.max_line.map_or(DEFAULT_MAX_LINE, |n| n as usize),
             idle_timeout: secs(cli.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS)),
             line_timeout: secs(cli.line_timeout.unwrap_or(DEFAULT_LINE_TIMEOUT_SECS)),
+            metrics: cli
+                .metrics
+                .or_else(|| file.as_ref().and_then(|f| f.metrics.clone())),
+            access_log: cli
+                .access_log
+                .or_else(|| file.as_ref().and_then(|f| f.access_log.clone())),
             ignored_keys: file.map(|f| f.ignored_keys).unwrap_or_default(),
         })
     }
@@ -492,7 +538,7 @@ mod tests {
                 "127.0.0.1:1",
                 "-w",
                 "2",
-                "-t",
+                "--idle-timeout",
                 "0",
                 "-m",
                 "10",
@@ -522,6 +568,26 @@ mod tests {
             let e = cli(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn metrics_and_access_log_come_from_options_or_the_file() {
+        let f = parse_file(
+            r#"{"metrics":"127.0.0.1:9100","access_log":"/tmp/a.log",
+                "servers":[{"listeners":[{"host":"a","port":1}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.metrics.unwrap().to_string(), "127.0.0.1:9100");
+        assert_eq!(f.access_log.unwrap(), PathBuf::from("/tmp/a.log"));
+        assert!(f.ignored_keys.is_empty(), "{:?}", f.ignored_keys);
+        let e = parse_file(r#"{"metrics":"nope","servers":[{"listeners":[{"host":"a","port":1}]}]}"#)
+            .unwrap_err();
+        assert_eq!(e, "metrics: 'nope' is not HOST:PORT");
+        let s = Settings::from_cli(cli(&["--metrics", "[::1]:0", "--access-log", "-"]).unwrap())
+            .unwrap();
+        assert_eq!(s.metrics.unwrap().to_string(), "[::1]:0");
+        assert_eq!(s.access_log.unwrap(), PathBuf::from("-"));
+        assert!(cli(&["-t"]).unwrap().check, "-t is --check, as nginx -t");
     }
 
     #[test]

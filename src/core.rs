@@ -52,8 +52,12 @@ use mio::{Interest, Token};
 use slab::Slab;
 
 use crate::event_loop::{Handler, LoopHandle, LoopTimer};
-use crate::network::connection::{CloseReason, Connection, Deadline, Phase, Scratch, Status};
+use crate::network::connection::{
+    CloseReason, Connection, Deadline, Phase, Scratch, Status, Totals,
+};
 use crate::network::listener::{AcceptVerdict, Listener, classify_accept_error};
+use crate::observe::access_log::{AccessLog, Record};
+use crate::observe::metrics::{AcceptError, Closed, ListenerCounter, Metrics, WorkerMetrics};
 use crate::slots::{Slot, Slots};
 use crate::utils::logger::Level;
 use crate::xps_log;
@@ -157,12 +161,45 @@ impl Timeouts {
     }
 }
 
+/// What a worker reports to: the metrics and the access log, each off
+/// unless configured. The line path pays for neither when they are off.
+#[derive(Debug, Default)]
+pub struct Observers {
+    /// This worker's number (for the access log).
+    pub worker: usize,
+    /// The registry (for per-listener counters) and this worker's block.
+    pub metrics: Option<(Arc<Metrics>, WorkerMetrics)>,
+    /// Where ended connections are written.
+    pub access_log: Option<AccessLog>,
+}
+
+impl From<&CloseReason> for Closed {
+    fn from(reason: &CloseReason) -> Closed {
+        match reason {
+            CloseReason::Finished => Closed::Finished,
+            CloseReason::Reset(_) => Closed::Reset,
+            CloseReason::Failed(_) => Closed::Error,
+            CloseReason::Shutdown => Closed::Shutdown,
+            // SPEC §5 names five close reasons; a line timeout is a kind of
+            // idle timeout there (the DEBUG line tells them apart).
+            CloseReason::IdleTimeout { .. } | CloseReason::LineTimeout { .. } => {
+                Closed::IdleTimeout
+            }
+        }
+    }
+}
+
 /// A listener and whether its backlog may hold connections we have not
 /// accepted yet.
 #[derive(Debug)]
 struct ListenerSlot {
     /// The socket and its back-off state.
     listener: Listener,
+    /// Its address as configured, shared by the access-log records of its
+    /// connections.
+    name: Arc<str>,
+    /// This worker's accept counter for it, with metrics on.
+    counter: Option<ListenerCounter>,
     /// An edge said "connections waiting" and the backlog was not drained.
     ready: bool,
 }
@@ -176,6 +213,12 @@ struct Entry {
     /// earlier deadline (a line clock starting) is pushed, a later one waits
     /// until this entry comes due.
     timer_due: Option<Instant>,
+    /// The client's address.
+    peer: std::net::SocketAddr,
+    /// When it was accepted.
+    since: Instant,
+    /// The listener it came through.
+    listener: Arc<str>,
 }
 
 /// One worker: its listeners, its connections, its timers.
@@ -217,6 +260,10 @@ pub struct Core {
     accept_warned: Option<Instant>,
     /// Accept failures not yet reported.
     accept_failures: u64,
+    /// Metrics and access log.
+    observers: Observers,
+    /// What moved this turn, added to the metrics once per turn.
+    tally: Totals,
 }
 
 impl Core {
@@ -226,9 +273,12 @@ impl Core {
         listeners: Vec<Listener>,
         limits: Limits,
         shared: Arc<Shared>,
+        observers: Observers,
     ) -> io::Result<Core> {
         let mut slots = Slab::with_capacity(listeners.len());
         for mut listener in listeners {
+            let name: Arc<str> = listener.addr.to_string().into();
+            let counter = observers.metrics.as_ref().map(|(m, _)| m.listener(&name));
             let entry = slots.vacant_entry();
             handle.attach(
                 &mut listener.socket,
@@ -238,6 +288,8 @@ impl Core {
             // The backlog may already hold connections: look at once.
             entry.insert(ListenerSlot {
                 listener,
+                name,
+                counter,
                 ready: true,
             });
         }
@@ -262,6 +314,8 @@ impl Core {
             stopped: false,
             accept_warned: None,
             accept_failures: 0,
+            observers,
+            tally: Totals::default(),
         })
     }
 
@@ -286,6 +340,9 @@ impl Core {
                     }
                     AcceptVerdict::Retry => {}
                     AcceptVerdict::SkipOne => {
+                        if let Some((_, m)) = &self.observers.metrics {
+                            m.accept_error(AcceptError::from_io(&e));
+                        }
                         xps_log!(
                             Level::Debug,
                             "xps_listener_connection_handler()",
@@ -295,6 +352,9 @@ impl Core {
                         );
                     }
                     AcceptVerdict::BackOff => {
+                        if let Some((_, m)) = &self.observers.metrics {
+                            m.accept_error(AcceptError::from_io(&e));
+                        }
                         ls.listener.paused_until = Some(self.now + ACCEPT_BACKOFF);
                         let addr = ls.listener.addr.clone();
                         self.warn_accept_failure(&addr, &e);
@@ -357,22 +417,30 @@ impl Core {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let ls = &self.listeners[li];
+        if let (Some((_, m)), Some(counter)) = (&self.observers.metrics, &ls.counter) {
+            m.accepted(counter);
+        }
+        let listener = ls.name.clone();
         let timer_due = self.limits.timeouts.idle.map(|t| self.now + t);
         if let Some(due) = timer_due {
             self.timers.push(Reverse((due, key, id)));
         }
-        entry.insert(Entry {
-            conn: Connection::new(stream, slot, id, self.limits.max_line, self.now),
-            timer_due,
-        });
         xps_log!(
             Level::Debug,
             "xps_connection_create()",
             "new connection #{} from {} on {}",
             id,
             peer,
-            self.listeners[li].listener.addr
+            listener
         );
+        entry.insert(Entry {
+            conn: Connection::new(stream, slot, id, self.limits.max_line, self.now),
+            timer_due,
+            peer,
+            since: self.now,
+            listener,
+        });
     }
 
     /// `xps_connection_destroy()`: removing the connection from the slab
@@ -383,10 +451,12 @@ impl Core {
         xps_log!(
             Level::Debug,
             "xps_connection_destroy()",
-            "closed connection #{}: {}",
+            "closed connection #{} from {}: {}",
             entry.conn.id,
+            entry.peer,
             reason
         );
+        self.observe_close(&entry, reason);
         drop(entry);
         // A freed descriptor or slot may let a paused listener accept again.
         for (_, ls) in &mut self.listeners {
@@ -396,6 +466,49 @@ impl Core {
         // entries of closed connections would otherwise pile up under churn.
         if self.timers.len() > 2 * self.connections.len() + 1024 {
             self.rebuild_timers();
+        }
+    }
+
+    /// Reports an ended connection to the metrics and the access log.
+    fn observe_close(&mut self, entry: &Entry, reason: &CloseReason) {
+        let kind = Closed::from(reason);
+        if let Some((_, m)) = &self.observers.metrics {
+            m.closed(kind);
+        }
+        if let Some(log) = &self.observers.access_log {
+            let totals = entry.conn.totals;
+            log.log(&Record {
+                time: std::time::SystemTime::now(),
+                listener: entry.listener.clone(),
+                client: entry.peer,
+                proxy: None,
+                worker: self.observers.worker,
+                duration: self.now.saturating_duration_since(entry.since),
+                received: totals.received,
+                sent: totals.sent,
+                lines: totals.lines,
+                end: kind.label(),
+            });
+        }
+    }
+
+    /// Adds what moved this turn to the metrics: one update per turn, not
+    /// per line or per read.
+    fn flush_tally(&mut self) {
+        let t = std::mem::take(&mut self.tally);
+        if let Some((_, m)) = &self.observers.metrics {
+            if t.received > 0 {
+                m.received(t.received);
+            }
+            if t.sent > 0 {
+                m.sent(t.sent);
+            }
+            if t.lines > 0 {
+                m.lines(t.lines);
+            }
+            for _ in 0..t.pauses {
+                m.flow_pause();
+            }
         }
     }
 
@@ -409,7 +522,10 @@ impl Core {
         debug_assert!(self.scratch.out.is_empty());
         self.scratch.out.clear();
         let conn = &mut entry.conn;
-        match conn.drive(&mut self.scratch, self.now, self.limits.timeouts.line) {
+        let before = conn.totals;
+        let status = conn.drive(&mut self.scratch, self.now, self.limits.timeouts.line);
+        self.tally.add(conn.totals.since(before));
+        match status {
             Status::Idle => {}
             Status::More => {
                 if !conn.queued {
@@ -573,7 +689,10 @@ impl Core {
                 "grace period over: closing {} connection(s) with replies unsent",
                 self.connections.len()
             );
-            self.connections.clear(); // their slots go back as they drop
+            let keys: Vec<usize> = self.connections.iter().map(|(k, _)| k).collect();
+            for key in keys {
+                self.connection_destroy(key, &CloseReason::Shutdown);
+            }
             self.stopped = true;
         }
     }
@@ -653,6 +772,7 @@ impl Handler for Core {
         self.retry_listeners();
         self.expire_deadlines();
         self.step_shutdown();
+        self.flush_tally();
         self.next_timeout()
     }
 

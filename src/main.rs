@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         let name = thread.name().unwrap_or("a thread");
         xps_log!(Level::Error, "main()", "{name} panicked: {info}");
     }));
+    let check = cli.check;
     let settings = match Settings::from_cli(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -33,6 +34,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if check {
+        // `nginx -t`: validate exactly as start-up does, resolve every host,
+        // bind nothing.
+        return match server::check(&settings) {
+            Ok(()) => {
+                xps_log!(
+                    Level::Info,
+                    "main()",
+                    "configuration OK: {} listener(s), {} worker(s)",
+                    settings.listeners.len(),
+                    settings.workers
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                xps_log!(Level::Error, "main()", "{e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     match server::run(&settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServerError::Listen(_)) | Err(e @ ServerError::Fatal(_)) => {

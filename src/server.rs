@@ -25,13 +25,16 @@ use std::sync::mpsc;
 use std::thread;
 
 use mio::Waker;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::config::{ListenAddr, Settings};
-use crate::core::{Core, Limits, Shared, Target, Timeouts};
+use crate::control::systemd::{self, Notifier};
+use crate::core::{Core, Limits, Observers, Shared, Target, Timeouts};
 use crate::event_loop::EventLoop;
 use crate::network::listener::{self, ListenError, Listener};
+use crate::observe::access_log::{self, AccessLog, AccessLogWriter};
+use crate::observe::metrics::Metrics;
 use crate::utils::logger::{self, Level};
 use crate::xps_log;
 
@@ -90,6 +93,79 @@ pub fn open_listeners(addrs: &[ListenAddr], workers: usize) -> Result<OpenListen
     Ok(OpenListeners { per_worker, bound })
 }
 
+/// The sockets systemd passed (socket activation), once per worker: every
+/// worker accepts from the same sockets.
+fn adopt_listeners(
+    sockets: Vec<std::net::TcpListener>,
+    workers: usize,
+) -> Result<OpenListeners, ServerError> {
+    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let at = socket
+            .local_addr()
+            .map_err(|e| ServerError::Fatal(format!("LISTEN_FDS socket: {}", crate::os_reason(&e))))?;
+        let addr = ListenAddr {
+            host: at.ip().to_string(),
+            port: at.port(),
+        };
+        for list in per_worker.iter_mut() {
+            let copy = socket.try_clone().map_err(|e| {
+                ServerError::Fatal(format!("dup(LISTEN_FDS socket): {}", crate::os_reason(&e)))
+            })?;
+            list.push(Listener::new(copy, addr.clone()));
+        }
+        bound.push(at);
+    }
+    Ok(OpenListeners { per_worker, bound })
+}
+
+/// Opens what observes the server: the metrics endpoint and the access
+/// log, each only if configured. Failing to open either stops start-up.
+fn open_observers(
+    settings: &Settings,
+) -> Result<(Option<Arc<Metrics>>, Option<(AccessLog, AccessLogWriter)>), ServerError> {
+    let metrics = match &settings.metrics {
+        None => None,
+        Some(addr) => {
+            let at = listener::resolve(addr).map_err(ServerError::Listen)?;
+            let socket = std::net::TcpListener::bind(at).map_err(|e| {
+                ServerError::Listen(ListenError {
+                    addr: addr.clone(),
+                    reason: format!("bind(): {}", crate::os_reason(&e)),
+                })
+            })?;
+            let local = socket.local_addr().unwrap_or(at);
+            let metrics = Metrics::new(settings.workers);
+            crate::observe::metrics::serve(socket, metrics.clone()).map_err(|e| {
+                ServerError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
+            })?;
+            xps_log!(
+                Level::Info,
+                "main()",
+                "metrics on http://{local}/metrics"
+            );
+            Some(metrics)
+        }
+    };
+    let log = match &settings.access_log {
+        None => None,
+        Some(path) => {
+            let dropped = metrics
+                .as_ref()
+                .map_or_else(Default::default, |m| m.access_log_dropped());
+            Some(access_log::open(path, dropped).map_err(|e| {
+                ServerError::Fatal(format!(
+                    "cannot open access log {}: {}",
+                    path.display(),
+                    crate::os_reason(&e)
+                ))
+            })?)
+        }
+    };
+    Ok((metrics, log))
+}
+
 /// Stops every worker: sets the shared stop flag and wakes each loop.
 #[derive(Clone)]
 struct Stopper {
@@ -106,6 +182,16 @@ impl Stopper {
             let _ = w.wake();
         }
     }
+}
+
+/// `--check`: what start-up would resolve, resolved; nothing bound. The
+/// options and the config file were already validated by
+/// [`Settings::from_cli`], the one validation path start-up uses too.
+pub fn check(settings: &Settings) -> Result<(), ServerError> {
+    for addr in settings.listeners.iter().chain(&settings.metrics) {
+        listener::resolve(addr).map_err(ServerError::Listen)?;
+    }
+    Ok(())
 }
 
 /// Runs the server until a signal stops it.
@@ -125,9 +211,17 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     // as soon as the server says it is up must start a graceful shutdown,
     // not kill it. Signals that come before the signal thread starts wait
     // in signal-hook's pipe.
-    let signals = Signals::new([SIGINT, SIGTERM]).map_err(|e| fatal("signal handler", e))?;
-    let open =
-        open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?;
+    let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
+        .map_err(|e| fatal("signal handler", e))?;
+    // systemd socket activation: the sockets systemd passed replace the
+    // configured listeners (taken before any thread starts).
+    let open = match systemd::listen_fds().map_err(ServerError::Fatal)? {
+        Some(sockets) => adopt_listeners(sockets, settings.workers)?,
+        None => open_listeners(&settings.listeners, settings.workers)
+            .map_err(ServerError::Listen)?,
+    };
+    let notifier = Notifier::from_env();
+    let (metrics, access_log) = open_observers(settings)?;
     let shared = Shared::new(settings.max_connections);
     let limits = Limits {
         max_line: settings.max_line,
@@ -138,7 +232,14 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     };
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
-    for listeners in open.per_worker {
+    for (worker, listeners) in open.per_worker.into_iter().enumerate() {
+        let observers = Observers {
+            worker,
+            metrics: metrics
+                .as_ref()
+                .and_then(|m| m.take_worker(worker).map(|w| (m.clone(), w))),
+            access_log: access_log.as_ref().map(|(log, _)| log.clone()),
+        };
         let event_loop = EventLoop::create().map_err(|e| fatal("epoll_create()", e))?;
         wakers.push(
             event_loop
@@ -146,7 +247,7 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
                 .map_err(|e| fatal("eventfd()", e))?,
         );
         let handle = event_loop.handle().map_err(|e| fatal("epoll dup", e))?;
-        let core = Core::new(handle, listeners, limits, shared.clone())
+        let core = Core::new(handle, listeners, limits, shared.clone(), observers)
             .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
@@ -160,13 +261,21 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
             at
         );
     }
+    let slots = shared.slots.clone();
+    notifier.ready_with_status(&status_text(slots.taken()));
     let stopper = Stopper {
         shared,
         wakers: Arc::new(wakers),
     };
     let signal_handle = signals.handle();
-    let signal_thread = spawn_signal_thread(signals, stopper.clone())
-        .map_err(|e| fatal("spawn signal thread", e))?;
+    let control = Control {
+        stopper: stopper.clone(),
+        notifier: notifier.clone(),
+        access_log: access_log.as_ref().map(|(log, _)| log.clone()),
+        reloads: metrics.clone(),
+    };
+    let signal_thread =
+        spawn_signal_thread(signals, control).map_err(|e| fatal("spawn signal thread", e))?;
 
     let named = settings.workers > 1;
     let workers: Vec<Worker> = loops
@@ -183,9 +292,16 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
             })
         })
         .collect();
-    let result = supervise(workers, || stopper.stop_all());
+    let result = supervise(
+        workers,
+        || stopper.stop_all(),
+        || notifier.status(&status_text(slots.taken())),
+    );
     signal_handle.close();
     let _ = signal_thread.join();
+    if let Some((_, writer)) = access_log {
+        writer.close(); // flushes every line queued
+    }
     match result {
         Err(e) => Err(ServerError::Fatal(e)),
         Ok(()) => {
@@ -195,33 +311,79 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     }
 }
 
+/// systemd's STATUS= text.
+fn status_text(open: usize) -> String {
+    format!("{open} connection(s) open")
+}
+
+/// What the signal thread acts on.
+struct Control {
+    /// Stops the workers (SIGINT, SIGTERM).
+    stopper: Stopper,
+    /// Tells systemd about it.
+    notifier: Notifier,
+    /// Reopened on SIGUSR1 and SIGHUP.
+    access_log: Option<AccessLog>,
+    /// Counts reload attempts (`xps_reloads_total`).
+    reloads: Option<Arc<Metrics>>,
+}
+
 /// The signal thread: the first SIGINT/SIGTERM stops every worker
-/// gracefully; a second exits at once with 128+N.
+/// gracefully, a second exits at once with 128+N; SIGUSR1 reopens the
+/// access log (logrotate's convention), and so does SIGHUP.
 fn spawn_signal_thread(
     mut signals: Signals,
-    stopper: Stopper,
+    control: Control,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("xps-signals".into())
         .spawn(move || {
-            let mut seen = 0;
+            let mut stops = 0;
             for sig in signals.forever() {
-                seen += 1;
-                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-                if seen == 1 {
-                    xps_log!(
-                        Level::Info,
-                        "main()",
-                        "{name} received: finishing replies, then exiting (send it again to exit at once)"
-                    );
-                    stopper.stop_all();
-                } else {
-                    xps_log!(Level::Warning, "main()", "second {name}: exiting now");
-                    std::process::exit(128 + sig);
+                match sig {
+                    SIGUSR1 | SIGHUP => {
+                        if let Some(log) = &control.access_log {
+                            log.reopen();
+                        }
+                        if sig == SIGHUP {
+                            control.notifier.reloading();
+                            // Configuration reload is not built yet: say so
+                            // rather than pretend (the access log was
+                            // reopened).
+                            xps_log!(
+                                Level::Warning,
+                                "xps_core_reload()",
+                                "SIGHUP: access log reopened; configuration reload is not supported by this build, restart to change the configuration"
+                            );
+                            if let Some(m) = &control.reloads {
+                                m.reload(false);
+                            }
+                            control.notifier.ready();
+                        }
+                    }
+                    _ => {
+                        stops += 1;
+                        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                        if stops == 1 {
+                            xps_log!(
+                                Level::Info,
+                                "main()",
+                                "{name} received: finishing replies, then exiting (send it again to exit at once)"
+                            );
+                            control.notifier.stopping();
+                            control.stopper.stop_all();
+                        } else {
+                            xps_log!(Level::Warning, "main()", "second {name}: exiting now");
+                            std::process::exit(128 + sig);
+                        }
+                    }
                 }
             }
         })
 }
+
+/// How often the supervisor runs its `tick`.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One worker's body: runs its loop to the end, or fails with a reason.
 pub type Worker = Box<dyn FnOnce() -> Result<(), String> + Send>;
@@ -252,7 +414,13 @@ impl Drop for ExitReport {
 /// finish their clients and end too, and is returned, naming the worker.
 /// Connections of a worker that panicked are dropped with its core as the
 /// thread unwinds, and give their slots back.
-pub fn supervise(workers: Vec<Worker>, stop_all: impl Fn()) -> Result<(), String> {
+///
+/// `tick` runs every few seconds while the workers run (systemd's STATUS=).
+pub fn supervise(
+    workers: Vec<Worker>,
+    stop_all: impl Fn(),
+    mut tick: impl FnMut(),
+) -> Result<(), String> {
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(workers.len());
     for (id, body) in workers.into_iter().enumerate() {
@@ -280,7 +448,17 @@ pub fn supervise(workers: Vec<Worker>, stop_all: impl Fn()) -> Result<(), String
     }
     drop(tx);
     let mut failure = None;
-    for (id, outcome) in rx.iter() {
+    let mut running = threads.len();
+    while running > 0 {
+        let (id, outcome) = match rx.recv_timeout(STATUS_INTERVAL) {
+            Ok(report) => report,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tick();
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        running -= 1;
         if let Err(reason) = outcome
             && failure.is_none()
         {
@@ -329,7 +507,7 @@ mod tests {
         ];
         let started = Instant::now();
         let s = stop.clone();
-        let r = supervise(workers, move || s.store(true, Ordering::Relaxed));
+        let r = supervise(workers, move || s.store(true, Ordering::Relaxed), || {});
         assert_eq!(
             r,
             Err("worker 1 failed: the worker thread panicked".to_string())
@@ -349,7 +527,7 @@ mod tests {
             Box::new(|| Err("epoll_wait(): Bad file descriptor".to_string())) as Worker,
         ];
         let s = stop.clone();
-        let r = supervise(workers, move || s.store(true, Ordering::Relaxed));
+        let r = supervise(workers, move || s.store(true, Ordering::Relaxed), || {});
         assert_eq!(
             r,
             Err("worker 1 failed: epoll_wait(): Bad file descriptor".to_string())
@@ -359,6 +537,6 @@ mod tests {
     #[test]
     fn workers_that_end_cleanly_succeed() {
         let workers: Vec<Worker> = vec![Box::new(|| Ok(())), Box::new(|| Ok(()))];
-        assert_eq!(supervise(workers, || {}), Ok(()));
+        assert_eq!(supervise(workers, || {}, || {}), Ok(()));
     }
 }

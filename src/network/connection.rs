@@ -243,6 +243,39 @@ enum LineClock {
     },
 }
 
+/// What moved on a connection, for the access log and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Bytes read from the client.
+    pub received: u64,
+    /// Bytes written to the client.
+    pub sent: u64,
+    /// Replies appended (lines and overlong segments).
+    pub lines: u64,
+    /// Times flow control paused reading.
+    pub pauses: u64,
+}
+
+impl Totals {
+    /// What moved between `earlier` and `self`.
+    pub fn since(self, earlier: Totals) -> Totals {
+        Totals {
+            received: self.received - earlier.received,
+            sent: self.sent - earlier.sent,
+            lines: self.lines - earlier.lines,
+            pauses: self.pauses - earlier.pauses,
+        }
+    }
+
+    /// Adds `other` to `self`.
+    pub fn add(&mut self, other: Totals) {
+        self.received += other.received;
+        self.sent += other.sent;
+        self.lines += other.lines;
+        self.pauses += other.pauses;
+    }
+}
+
 /// One client connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -271,6 +304,8 @@ pub struct Connection {
     phase: Phase,
     /// Flow control.
     flow: Flow,
+    /// Bytes and replies moved so far.
+    pub totals: Totals,
     /// Queued in the core's deferred list: queued at most once per turn,
     /// however many edges and passes ask for it.
     pub queued: bool,
@@ -299,6 +334,7 @@ impl Connection {
             },
             phase: Phase::Open,
             flow: Flow::Reading,
+            totals: Totals::default(),
             queued: false,
             _slot: slot,
         }
@@ -450,7 +486,10 @@ impl Connection {
         // shared buffer: the next connection driven would send it.
         scratch.out.clear();
         match flushed {
-            Ok(n) => moved += n,
+            Ok(n) => {
+                moved += n;
+                self.totals.sent += n as u64;
+            }
             Err(reason) => return Status::Close(reason),
         }
         if moved > 0 {
@@ -512,6 +551,7 @@ impl Connection {
                 }
                 Ok(n) => {
                     total += n;
+                    self.totals.received += n as u64;
                     let before = scratch.out.len();
                     self.reverser.feed(&scratch.read[..n], &mut scratch.out);
                     if let (Some(timeout), Phase::Open) = (line_timeout, self.phase) {
@@ -555,6 +595,7 @@ impl Connection {
     /// Flow control stops reading; the line clock stops with it.
     fn pause(&mut self, now: Instant) {
         self.flow = Flow::Paused;
+        self.totals.pauses += 1;
         if let LineClock::Running { due } = self.line {
             self.line = LineClock::Stopped {
                 left: due.saturating_duration_since(now),
