@@ -398,7 +398,7 @@ pub fn reverse_stream(input: &[u8], max_line: usize) -> Vec<u8> {
 /// The plain model of SPEC §2 the proptests compare with (shared with the
 /// fuzz target).
 #[cfg(test)]
-#[path = "../tests/common/model.rs"]
+#[path = "../../tests/common/model.rs"]
 mod model;
 
 #[cfg(test)]
