@@ -147,6 +147,44 @@ fn unresolvable_host_exits_1_naming_it() {
     );
 }
 
+/// Defect 9 (issue 8): text from the config reaches the log escaped. A host
+/// with a LF cannot forge a "Server listening" line, and an ESC in an ignored
+/// key name does not reach the terminal raw.
+#[test]
+fn config_text_cannot_forge_log_lines() {
+    let config = r#"{
+  "servers": [
+    { "listeners": [
+        { "host": "no-such-host.invalid\n[INFO] main() : Server listening on port 1", "port": 1 }
+      ],
+      "evil\u001b[2Jkey": true }
+  ]
+}
+"#;
+    let path = temp_file("xps_config.json", config);
+    let (got, out) = run(&[path.to_str().unwrap()]);
+    assert_ne!(got, 0, "an unresolvable host must stop start-up:\n{out}");
+    assert_no_panic(&out);
+    for line in out.lines() {
+        assert!(
+            !line.starts_with("[INFO] main() : Server listening"),
+            "forged line {line:?} in:\n{out}"
+        );
+    }
+    assert!(!out.contains('\x1b'), "raw ESC in the log:\n{out:?}");
+    // Both are there, escaped, each on the line that names it.
+    assert!(
+        out.lines().any(|l| l.starts_with("[ERROR]")
+            && l.contains("no-such-host.invalid\\n[INFO] main() : Server listening on port 1")),
+        "the host is not named escaped on an [ERROR] line:\n{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[WARNING]") && l.contains("evil\\x1b[2Jkey")),
+        "the key is not named escaped on a [WARNING] line:\n{out}"
+    );
+}
+
 #[test]
 fn address_not_on_this_machine_exits_1_naming_it() {
     // 192.0.2.0/24 is TEST-NET-1: never assigned here, so bind() fails with
