@@ -1,4 +1,4 @@
-//! Criterion micro-benchmarks of the pure reversal protocol (`src/protocol.rs`).
+//! Criterion micro-benchmarks of the pure reversal protocol (`src/protocol/`).
 //!
 //! Three kinds of line content, each at three line lengths (64 B, 1 KiB and
 //! 64 KiB, the terminating `\n` included):

@@ -172,30 +172,105 @@ fn parse_level(s: &str) -> Result<Level, String> {
 }
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces). Port 0 is
-/// allowed here: the kernel picks a free port.
+/// allowed here: the kernel picks a free port. The host part is checked by
+/// [`parse_host`], as the config file's hosts are.
 pub fn parse_listen_arg(s: &str) -> Result<ListenAddr, String> {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest
-            .split_once("]:")
-            .ok_or_else(|| format!("'{s}' is not [IPV6]:PORT"))?;
-        (h, p)
-    } else {
-        s.rsplit_once(':')
-            .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?
+    // Split off the port at the last colon, or after the closing bracket of
+    // a bracketed host (whose colons are the address's). The host part keeps
+    // its brackets, for `parse_host`.
+    let (host, port) = match s.trim_start().strip_prefix('[') {
+        Some(rest) => {
+            let close = rest
+                .find("]:")
+                .ok_or_else(|| format!("'{s}' is not [IPV6]:PORT"))?;
+            let at = s.len() - rest.len() + close + 1;
+            (&s[..at], &s[at + 1..])
+        }
+        None => s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("'{s}' is not HOST:PORT"))?,
     };
-    if host.contains(':') && !s.starts_with('[') {
-        return Err(format!(
-            "'{s}': write IPv6 addresses in brackets, as [::1]:8001"
-        ));
-    }
+    let host = parse_host(host, HostSource::ListenArg).map_err(|e| format!("'{s}': host {e}"))?;
     let port: u16 = port
         .parse()
         .map_err(|_| format!("'{s}': port '{port}' is not a number in 0-65535"))?;
-    let host = if host.is_empty() { "0.0.0.0" } else { host };
-    Ok(ListenAddr {
-        host: host.to_string(),
-        port,
-    })
+    Ok(ListenAddr { host, port })
+}
+
+/// Where a host was written. One rule set serves both, with two
+/// differences that come from the syntax of each place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostSource {
+    /// `--listen HOST:PORT`: an empty host (`:8001`, no brackets) means all
+    /// interfaces, and an IPv6 address needs its brackets, or its colons
+    /// would be taken for the port's.
+    ListenArg,
+    /// A config file's `"host"`: a field of its own, so a bare IPv6 address
+    /// is unambiguous; an empty host is an error.
+    ConfigFile,
+}
+
+/// Why a host was rejected; displayed as the rest of a sentence that starts
+/// with "host" (`host is empty`), after the place that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostError {
+    /// Nothing but spaces, with or without brackets (`""`, `[]`, `[ ]`).
+    Empty,
+    /// Brackets around something that is not an IPv6 address (`[localhost]`).
+    BracketsNotIpv6(String),
+    /// A bracket left over once one enclosing pair is removed (`[::1`, `a]`).
+    StrayBracket(String),
+    /// An IPv6 address without brackets in `--listen` (`::1:8001`).
+    Ipv6WithoutBrackets(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::Empty => f.write_str("is empty"),
+            HostError::BracketsNotIpv6(h) => write!(
+                f,
+                "'[{h}]' is not an IPv6 address: brackets are only for IPv6, as [::1]"
+            ),
+            HostError::StrayBracket(h) => write!(f, "'{h}' has an unmatched bracket"),
+            HostError::Ipv6WithoutBrackets(h) => {
+                write!(f, "'{h}': write IPv6 addresses in brackets, as [::1]:8001")
+            }
+        }
+    }
+}
+
+/// Validates and normalises a host as the user wrote it, for `--listen`
+/// and for the config file alike: trims spaces, removes one pair of
+/// enclosing brackets (which must hold an IPv6 address, i.e. something with
+/// a colon) and the spaces inside them, and rejects an empty host and any
+/// other bracket. Returns the host to resolve, without brackets: `0.0.0.0`
+/// for an empty host without brackets in `--listen` (`:8001`).
+pub fn parse_host(raw: &str, source: HostSource) -> Result<String, HostError> {
+    let trimmed = raw.trim();
+    let (host, bracketed) = match trimmed.strip_prefix('[') {
+        Some(rest) => match rest.strip_suffix(']') {
+            Some(inner) => (inner.trim(), true),
+            None => return Err(HostError::StrayBracket(trimmed.to_string())),
+        },
+        None => (trimmed, false),
+    };
+    if host.contains(['[', ']']) {
+        return Err(HostError::StrayBracket(trimmed.to_string()));
+    }
+    let ipv6 = host.contains(':');
+    match (host.is_empty(), bracketed, source) {
+        (true, false, HostSource::ListenArg) => return Ok("0.0.0.0".to_string()),
+        (true, _, _) => return Err(HostError::Empty),
+        _ => {}
+    }
+    if bracketed && !ipv6 {
+        return Err(HostError::BracketsNotIpv6(host.to_string()));
+    }
+    if ipv6 && !bracketed && source == HostSource::ListenArg {
+        return Err(HostError::Ipv6WithoutBrackets(host.to_string()));
+    }
+    Ok(host.to_string())
 }
 
 /// The `xps_config.json` shape this release reads. Unknown keys at any level
@@ -286,19 +361,12 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
             if !(1..=65535).contains(&l.port) {
                 return Err(format!("{at}.port: {} is out of range 1-65535", l.port));
             }
-            let host = l.host.trim();
-            let host = host
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(host)
-                .trim();
-            if host.is_empty() {
-                return Err(format!("{at}.host is empty"));
-            }
+            let host = parse_host(&l.host, HostSource::ConfigFile)
+                .map_err(|e| format!("{at}.host {e}"))?;
             push_unique(
                 &mut listeners,
                 ListenAddr {
-                    host: host.to_string(),
+                    host,
                     port: l.port as u16,
                 },
             );
@@ -507,6 +575,81 @@ mod tests {
         assert!(p("::1:8001").is_err());
         assert!(p("host:99999").is_err());
         assert!(p("[::1]8001").is_err());
+        assert_eq!(p(" [::1]:9").unwrap().host, "::1");
+        assert_eq!(p("[ ::1 ]:9").unwrap().host, "::1");
+    }
+
+    /// Issue 8, defect 10: `--listen '[]:0'` bound 0.0.0.0, while the config
+    /// rejected the same host. One function decides for both now.
+    #[test]
+    fn empty_bracketed_host_is_rejected_by_both_parsers() {
+        for arg in ["[]:0", "[ ]:0", "[]:8001"] {
+            assert_eq!(
+                parse_listen_arg(arg).unwrap_err(),
+                format!("'{arg}': host is empty"),
+            );
+        }
+        for host in ["", " ", "[]", "[ ]"] {
+            let text = format!(r#"{{"servers":[{{"listeners":[{{"host":"{host}","port":1}}]}}]}}"#);
+            assert_eq!(
+                parse_file(&text).unwrap_err(),
+                "servers[0].listeners[0].host is empty",
+                "host {host:?}"
+            );
+        }
+        // An empty host without brackets is still "all interfaces" in --listen.
+        assert_eq!(parse_listen_arg(":8001").unwrap().host, "0.0.0.0");
+        assert_eq!(parse_listen_arg(" :8001").unwrap().host, "0.0.0.0");
+    }
+
+    #[test]
+    fn hosts_are_checked_the_same_way_in_both_places() {
+        use HostSource::{ConfigFile, ListenArg};
+        for source in [ListenArg, ConfigFile] {
+            let h = |raw| parse_host(raw, source);
+            assert_eq!(h(" localhost ").unwrap(), "localhost");
+            assert_eq!(h("[::1]").unwrap(), "::1");
+            assert_eq!(h(" [ fe80::1 ] ").unwrap(), "fe80::1");
+            assert_eq!(h("[]"), Err(HostError::Empty));
+            assert_eq!(h("[  ]"), Err(HostError::Empty));
+            assert_eq!(
+                h("[localhost]"),
+                Err(HostError::BracketsNotIpv6("localhost".into()))
+            );
+            assert_eq!(
+                h("[127.0.0.1]"),
+                Err(HostError::BracketsNotIpv6("127.0.0.1".into()))
+            );
+            for stray in ["[::1", "::1]", "[[::1]]", "a]b", "[a[b]"] {
+                assert_eq!(
+                    h(stray),
+                    Err(HostError::StrayBracket(stray.into())),
+                    "{stray}"
+                );
+            }
+        }
+        // The two differences.
+        assert_eq!(parse_host("", ListenArg).unwrap(), "0.0.0.0");
+        assert_eq!(parse_host("", ConfigFile), Err(HostError::Empty));
+        assert_eq!(parse_host("::1", ConfigFile).unwrap(), "::1");
+        assert_eq!(
+            parse_host("::1", ListenArg),
+            Err(HostError::Ipv6WithoutBrackets("::1".into()))
+        );
+        // The messages read as sentences after the place.
+        assert_eq!(
+            parse_listen_arg("[localhost]:80").unwrap_err(),
+            "'[localhost]:80': host '[localhost]' is not an IPv6 address: brackets are only for IPv6, as [::1]"
+        );
+        assert_eq!(
+            parse_listen_arg("::1:8001").unwrap_err(),
+            "'::1:8001': host '::1': write IPv6 addresses in brackets, as [::1]:8001"
+        );
+        let e = parse_file(r#"{"servers":[{"listeners":[{"host":"[a.b]","port":1}]}]}"#);
+        assert_eq!(
+            e.unwrap_err(),
+            "servers[0].listeners[0].host '[a.b]' is not an IPv6 address: brackets are only for IPv6, as [::1]"
+        );
     }
 
     #[test]

@@ -147,6 +147,55 @@ fn unresolvable_host_exits_1_naming_it() {
     );
 }
 
+/// Defect 9 (issue 8): text from the config reaches the log escaped. A host
+/// with a LF cannot forge a "Server listening" line, and an ESC in an ignored
+/// key name or a host does not reach the terminal raw.
+#[test]
+fn config_text_cannot_forge_log_lines() {
+    let listener = |host: &str| {
+        format!(
+            r#"{{ "servers": [ {{ "listeners": [ {{ "host": "{host}", "port": 1 }} ],
+                                "evil\u001b[2Jkey": true }} ] }}"#
+        )
+    };
+    // The forged line. (The config parser now also refuses the host for
+    // its brackets, exit 2; before that it failed to resolve, exit 1.)
+    let forged = "no-such-host.invalid\\n[INFO] main() : Server listening on port 1";
+    // ESC c (a terminal reset) in a host that gets as far as resolving.
+    let escape = "no-such-host\\u001bc.invalid";
+    for (host, shown) in [
+        (
+            forged,
+            "no-such-host.invalid\\n[INFO] main() : Server listening on port 1",
+        ),
+        (escape, "no-such-host\\x1bc.invalid"),
+    ] {
+        let path = temp_file("xps_config.json", &listener(host));
+        let (got, out) = run(&[path.to_str().unwrap()]);
+        assert_ne!(got, 0, "a bad host must stop start-up:\n{out}");
+        assert_no_panic(&out);
+        for line in out.lines() {
+            assert!(
+                !line.starts_with("[INFO] main() : Server listening"),
+                "forged line {line:?} in:\n{out}"
+            );
+        }
+        assert!(!out.contains('\x1b'), "raw ESC in the log:\n{out:?}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("[ERROR]") && l.contains(shown)),
+            "the host is not named escaped on an [ERROR] line:\n{out}"
+        );
+        if host == escape {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("[WARNING]") && l.contains("evil\\x1b[2Jkey")),
+                "the key is not named escaped on a [WARNING] line:\n{out}"
+            );
+        }
+    }
+}
+
 #[test]
 fn address_not_on_this_machine_exits_1_naming_it() {
     // 192.0.2.0/24 is TEST-NET-1: never assigned here, so bind() fails with
@@ -236,6 +285,18 @@ fn bad_options_exit_2() {
     assert_fails(&["--listen", "127.0.0.1:70000"], 2, &["70000"]);
     assert_fails(&["--log-level", "bogus"], 2, &["--log-level", "bogus"]);
     assert_fails(&["--workers", "many"], 2, &["--workers", "many"]);
+}
+
+/// Defect 10 (issue 8): `--listen '[]:0'` bound 0.0.0.0; now it is refused
+/// with the config's words for the same host, and `:PORT` still means all
+/// interfaces (checked by the unit tests; binding 0.0.0.0 here would not be
+/// loopback-only).
+#[test]
+fn listen_with_an_empty_bracketed_host_exits_2() {
+    for arg in ["[]:0", "[ ]:0"] {
+        let out = assert_fails(&["--listen", arg], 2, &["--listen", arg, "host is empty"]);
+        assert!(!out.contains("Server listening"), "{out}");
+    }
 }
 
 #[test]

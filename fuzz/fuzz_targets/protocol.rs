@@ -21,7 +21,10 @@
 //!    from SPEC §2 (line by line, overlong lines cut into `max_line` segments);
 //! 4. output length == input length, and the sorted output bytes equal the
 //!    sorted input bytes (every byte comes back exactly once);
-//! 5. between calls the reverser never holds more than `max_line` bytes.
+//! 5. between calls the reverser never holds more than `max_line` bytes;
+//! 6. the fast path (`feed`) gives, after every chunk, exactly the bytes, the
+//!    reply count and the held bytes of the plain reference (`feed_plain`),
+//!    and the counts add up to the number of replies in the model.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +33,7 @@ use xps::protocol::{DEFAULT_MAX_LINE, LineReverser, reverse_stream};
 /// The SPEC model, shared with the unit tests' proptests.
 #[path = "../../tests/common/model.rs"]
 mod model;
-use model::model;
+use model::{model, replies};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&b0, rest)) = data.split_first() else {
@@ -52,12 +55,23 @@ fuzz_target!(|data: &[u8]| {
     // 1 + 2 + 5: feed in the fuzzer-chosen chunks.
     let mut r = LineReverser::new(max_line);
     let mut out = Vec::new();
+    // 6: the plain reference, fed the same chunks.
+    let mut plain = LineReverser::new(max_line);
+    let mut plain_out = Vec::new();
+    let mut count = 0;
+    let mut feed = |chunk: &[u8], r: &mut LineReverser, out: &mut Vec<u8>| {
+        let n = r.feed(chunk, out);
+        assert_eq!(n, plain.feed_plain(chunk, &mut plain_out), "reply count");
+        assert_eq!(*out, plain_out, "fast path differs from plain");
+        assert_eq!(r.pending(), plain.pending());
+        count += n;
+    };
     let mut left = input;
     if sizes.iter().all(|&s| s == 0) {
         // No usable split (an all-zero list would never make progress): one
         // empty feed, then everything at once.
-        r.feed(&[], &mut out);
-        r.feed(left, &mut out);
+        feed(&[], &mut r, &mut out);
+        feed(left, &mut r, &mut out);
         left = &[];
         assert!(r.pending() <= max_line);
     }
@@ -66,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
         let n = usize::from(sizes[i % sizes.len()]).min(left.len());
         i += 1;
         let (chunk, tail) = left.split_at(n);
-        r.feed(chunk, &mut out);
+        feed(chunk, &mut r, &mut out);
         left = tail;
         assert!(
             r.pending() <= max_line,
@@ -74,8 +88,12 @@ fuzz_target!(|data: &[u8]| {
             r.pending()
         );
     }
-    r.finish(&mut out);
+    let n = r.finish(&mut out);
+    assert_eq!(n, plain.finish_plain(&mut plain_out));
+    assert_eq!(out, plain_out);
+    count += n;
     assert_eq!(r.pending(), 0);
+    assert_eq!(count, replies(input, max_line).len(), "reply count");
 
     let whole = reverse_stream(input, max_line);
     assert_eq!(out, whole, "split-dependent output (max_line {max_line})");

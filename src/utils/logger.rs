@@ -13,6 +13,31 @@
 //!
 //! Each line is formatted into one buffer and written with a single `write` to
 //! the locked stderr, so lines from different workers never interleave.
+//!
+//! # Nothing in a message can forge a line or drive the terminal
+//!
+//! Messages carry text xps did not write: host names and key names from a
+//! config file, OS error strings. A host like `"x\n[INFO] main() : Server
+//! listening on port 1"` would otherwise print a second, forged line, and an
+//! ESC in a key name would reach the terminal as a control sequence. So the
+//! message (and the source) are not copied into the line but *escaped into
+//! it* as they are formatted (`Escaped`); no call site can forget to do
+//! it, and there is no unescaped path:
+//!
+//! * LF, CR and TAB become `\n`, `\r` and `\t` (a backslash and a letter);
+//! * every other C0 control (0x00–0x1f) and DEL (0x7f) becomes `\xNN`, so ESC
+//!   is `\x1b`;
+//! * the C1 controls U+0080–U+009F (which some terminals obey as well, e.g.
+//!   U+009B as CSI) become `\u{NN}`.
+//!
+//! A backslash is left as it is: doubling it would make the escaping
+//! reversible, but would also double every backslash of the `{:?}`-quoted
+//! values many messages hold, and being unambiguous is not needed to be
+//! unforgeable (a literal `\n` in a host name reads as `\n`, and can never
+//! end the line). The colour codes and the terminator are added by the
+//! logger outside the message, so they are not escaped. A message with
+//! nothing to escape is copied as one `push_str`: no allocation beyond the
+//! line's own buffer, one byte scan.
 
 use std::cell::Cell;
 use std::fmt;
@@ -117,9 +142,16 @@ pub fn set_worker(id: Option<usize>) {
 
 /// Writes one line. Use the `xps_log!` macro, which checks [`enabled`] first.
 pub fn write(level: Level, source: &str, args: fmt::Arguments<'_>) {
+    let line = format_line(level, source, args, COLOUR.load(Ordering::Relaxed));
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// One whole log line, its LF included: the logger's own parts (level,
+/// colour codes, worker, separators) as they are, `source` and the message
+/// escaped into it.
+fn format_line(level: Level, source: &str, args: fmt::Arguments<'_>, colour: bool) -> String {
     use std::fmt::Write as _;
     let mut line = String::with_capacity(96);
-    let colour = COLOUR.load(Ordering::Relaxed);
     if colour {
         line.push_str(level.colour());
     }
@@ -127,12 +159,47 @@ pub fn write(level: Level, source: &str, args: fmt::Arguments<'_>) {
     if colour {
         line.push_str("\x1b[0m");
     }
-    let _ = write!(line, " {source}");
+    line.push(' ');
+    let _ = Escaped(&mut line).write_str(source);
     if let Some(id) = WORKER.with(Cell::get) {
         let _ = write!(line, " [worker {id}]");
     }
-    let _ = writeln!(line, " : {args}");
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    line.push_str(" : ");
+    let _ = Escaped(&mut line).write_fmt(args);
+    line.push('\n');
+    line
+}
+
+/// A [`fmt::Write`] into a log line that escapes control characters on the
+/// way in (see the module doc for the rules). Formatting a message through
+/// it hands every piece, literal or argument, to [`Escaped::write_str`].
+struct Escaped<'a>(&'a mut String);
+
+impl fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // The common case: nothing to escape, one copy. 0xC2 is the first
+        // byte of every code point U+0080..=U+00BF, the C1 controls among
+        // them; the slow path looks closer.
+        if !s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2) {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        for c in s.chars() {
+            match c {
+                '\n' => self.0.push_str("\\n"),
+                '\r' => self.0.push_str("\\r"),
+                '\t' => self.0.push_str("\\t"),
+                '\0'..='\x1f' | '\x7f' => {
+                    let _ = write!(self.0, "\\x{:02x}", c as u32);
+                }
+                '\u{80}'..='\u{9f}' => {
+                    let _ = write!(self.0, "\\u{{{:x}}}", c as u32);
+                }
+                _ => self.0.push(c),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `xps_log!(Level::Info, "main()", "Server listening on port {}", port)`.
@@ -145,4 +212,75 @@ macro_rules! xps_log {
             $crate::utils::logger::write(level, $source, format_args!($($arg)+));
         }
     }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The message part of a line as `write` builds it.
+    fn escaped(args: fmt::Arguments<'_>) -> String {
+        use std::fmt::Write as _;
+        let mut line = String::new();
+        Escaped(&mut line).write_fmt(args).unwrap();
+        line
+    }
+
+    #[test]
+    fn a_forged_line_stays_on_its_line() {
+        let host = "x\n[INFO] main() : Server listening on port 1";
+        let msg = escaped(format_args!("cannot resolve host '{host}'"));
+        assert_eq!(
+            msg,
+            "cannot resolve host 'x\\n[INFO] main() : Server listening on port 1'"
+        );
+        assert_eq!(msg.lines().count(), 1);
+        assert_eq!(escaped(format_args!("a\r\nb\tc")), "a\\r\\nb\\tc");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let key = "gzip\x1b[2Jlevel";
+        assert_eq!(
+            escaped(format_args!("ignored: {key}")),
+            "ignored: gzip\\x1b[2Jlevel"
+        );
+        assert_eq!(escaped(format_args!("{}", "\0\x07\x7f")), "\\x00\\x07\\x7f");
+        // C1 controls (U+009B is CSI on some terminals), but not the
+        // printable characters that share their first UTF-8 byte.
+        assert_eq!(
+            escaped(format_args!("{}", "\u{9b}31m \u{85} \u{a0}\u{e9}\u{bf}")),
+            "\\u{9b}31m \\u{85} \u{a0}\u{e9}\u{bf}"
+        );
+        // Backslashes and other text are left alone.
+        assert_eq!(
+            escaped(format_args!("{}", "a\\nb \u{1F44B} 漢")),
+            "a\\nb \u{1F44B} 漢"
+        );
+    }
+
+    #[test]
+    fn a_line_is_one_line_with_only_the_loggers_own_colour_codes() {
+        let host = "\n[INFO] main() : Server listening on port 1";
+        let key = "k\x1b]0;pwned\x07";
+        for colour in [false, true] {
+            let line = format_line(
+                Level::Warning,
+                "xps_config_load()",
+                format_args!("host '{host}', key {key}"),
+                colour,
+            );
+            assert_eq!(line.matches('\n').count(), 1, "{line:?}");
+            assert!(line.ends_with('\n'));
+            let plain = "[WARNING] xps_config_load() : host '\\n[INFO] main() : \
+                         Server listening on port 1', key k\\x1b]0;pwned\\x07\n";
+            if colour {
+                // The logger's two colour codes are raw; nothing else is.
+                assert_eq!(line, format!("\x1b[33m[WARNING]\x1b[0m{}", &plain[9..]));
+                assert_eq!(line.matches('\x1b').count(), 2);
+            } else {
+                assert_eq!(line, plain);
+            }
+        }
+    }
 }

@@ -6,20 +6,38 @@
 //! unit-tested with exact bytes, property-tested against every way TCP could split
 //! the input, fuzzed, and benchmarked without a network.
 //!
+//! # How to read it
+//!
+//! This file is the whole algorithm in its plain form, to be read first: the
+//! rules, the state kept between reads ([`LineReverser`]), how a read is cut
+//! into lines and overlong lines into segments, and the two byte-level
+//! operations it is built on (`LineOps`) in their plain form (`Plain`:
+//! a LF search by iterator, reversal by grapheme clusters or by bytes).
+//! The server runs the same algorithm with faster forms of those two
+//! operations (an SSE2 LF search, a byte reversal 16 bytes at a time), which
+//! live in `fast.rs` with the reasons they exist; a proptest checks that they
+//! give exactly the plain form's bytes.
+//!
 //! # The rules (SPEC §2)
 //!
 //! * Input is split into lines at `\n`. Each complete line is answered by its
 //!   content reversed, followed by the same terminator: `\n`, or `\r\n` when the
 //!   line ended with CR LF.
 //! * Content that is valid UTF-8 is reversed by extended grapheme clusters (so a
-//!   combining accent stays on its letter and an emoji family stays whole); pure
-//!   ASCII takes a byte-reversal fast path, which gives the same result; anything
-//!   else is reversed byte by byte.
+//!   combining accent stays on its letter and an emoji family stays whole);
+//!   anything else is reversed byte by byte. (For ASCII the two agree: every
+//!   ASCII byte is its own cluster, CR LF being the one exception, and a line's
+//!   content never holds a CR LF. The fast path relies on that.)
 //! * On half-close, an unterminated last line is answered without a terminator
 //!   ([`LineReverser::finish`]).
 //! * A line longer than `max_line` bytes is answered in `max_line`-sized segments
 //!   as they fill, so unterminated input never costs more than `max_line`
 //!   bytes of memory.
+//!
+//! A *reply* is one of: a complete line's answer (with its terminator), one
+//! segment of an overlong line, or the answer to the unterminated last line.
+//! [`LineReverser::feed`] and [`LineReverser::finish`] return how many they
+//! appended (the `xps_lines_total` metric counts them).
 //!
 //! # Why the output never depends on how TCP split the input
 //!
@@ -30,7 +48,7 @@
 //!
 //! * a segment is cut only when more than `max_line` raw bytes (CR included) are
 //!   buffered without a LF, and then exactly the first `max_line` bytes go out;
-//! * a complete line is cut the same way ([`emit_line`] applies the same rule to
+//! * a complete line is cut the same way (`emit_line` applies the same rule to
 //!   the whole line at once), so receiving it in one read or in a thousand gives
 //!   the same bytes.
 //!
@@ -41,6 +59,10 @@
 //! way the client receives `reverse(content) + "\r\n"`.
 
 use unicode_segmentation::UnicodeSegmentation;
+
+mod fast;
+
+use fast::Fast;
 
 /// The default `--max-line`: the C tutorial's `DEFAULT_BUFFER_SIZE` (100 KB).
 pub const DEFAULT_MAX_LINE: usize = 100_000;
@@ -66,23 +88,52 @@ impl LineReverser {
     }
 
     /// Feeds the next bytes of the stream, appending every reply they complete
-    /// to `out`. Replies are appended whole and in request order.
+    /// to `out`. Replies are appended whole and in request order. Returns how
+    /// many replies were appended: complete lines plus segments of overlong
+    /// lines.
     ///
     /// ```
     /// use xps::protocol::LineReverser;
     /// let mut r = LineReverser::new(100);
     /// let mut out = Vec::new();
-    /// r.feed(b"he", &mut out); // no LF yet: nothing to send
+    /// assert_eq!(r.feed(b"he", &mut out), 0); // no LF yet: nothing to send
     /// assert!(out.is_empty());
-    /// r.feed("llo\n\u{1F44B}\u{1F3FD}!\n".as_bytes(), &mut out);
+    /// assert_eq!(r.feed("llo\n\u{1F44B}\u{1F3FD}!\n".as_bytes(), &mut out), 2);
     /// assert_eq!(out, "olleh\n!\u{1F44B}\u{1F3FD}\n".as_bytes());
     /// ```
-    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) {
-        let lf = find_lf(input);
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        self.feed_with::<Fast>(input, out)
+    }
+
+    /// End of input (the client half-closed): answers the unterminated last
+    /// line, if any, without a terminator. Returns the number of replies
+    /// appended: 1 if there was such a line, else 0.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> usize {
+        self.finish_with::<Fast>(out)
+    }
+
+    /// The plain reference: [`Self::feed`] with the plain LF search and
+    /// reversal of `Plain` instead of the fast ones of `fast.rs`. It gives
+    /// exactly the same replies and counts (the proptests and the fuzz target
+    /// check it), only slower. For tests and for reading; the server uses
+    /// [`Self::feed`].
+    pub fn feed_plain(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        self.feed_with::<Plain>(input, out)
+    }
+
+    /// The plain reference of [`Self::finish`] (see [`Self::feed_plain`]).
+    pub fn finish_plain(&mut self, out: &mut Vec<u8>) -> usize {
+        self.finish_with::<Plain>(out)
+    }
+
+    /// [`Self::feed`] with the LF search and reversal of `O`.
+    #[inline(always)]
+    fn feed_with<O: LineOps>(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        let lf = O::find_lf(input);
         if lf.is_none() && self.partial.len() + input.len() <= self.max_line {
             // The line goes on and is not overlong yet: nothing to answer.
             self.partial.extend_from_slice(input);
-            return;
+            return 0;
         }
         // Every reply is exactly as long as the bytes it answers, and each
         // byte is answered at most once: the replies to this call fit in
@@ -93,68 +144,82 @@ impl LineReverser {
         let mut sink = Sink {
             buf: &mut out[start..],
             len: 0,
+            segments: 0,
         };
-        self.feed_into(input, lf, &mut sink);
-        let written = sink.len;
+        let lines = self.feed_into::<O>(input, lf, &mut sink);
+        let (written, segments) = (sink.len, sink.segments);
         out.truncate(start + written);
+        lines + segments
     }
 
     /// [`Self::feed`] into the sized output; `lf` is the first LF of `input`.
-    fn feed_into(&mut self, input: &[u8], mut lf: Option<usize>, out: &mut Sink<'_>) {
+    /// Returns the number of complete lines answered (the sink counts the
+    /// segments).
+    fn feed_into<O: LineOps>(
+        &mut self,
+        input: &[u8],
+        mut lf: Option<usize>,
+        out: &mut Sink<'_>,
+    ) -> usize {
+        let mut lines = 0;
         let mut rest = input;
         if !self.partial.is_empty() {
             // Finish the line already started.
             let Some(i) = lf else {
-                self.push_unterminated(rest, out);
-                return;
+                self.push_unterminated::<O>(rest, out);
+                return 0;
             };
-            self.push_unterminated(&rest[..i], out);
-            emit_line(&self.partial, self.max_line, out);
+            self.push_unterminated::<O>(&rest[..i], out);
+            emit_line::<O>(&self.partial, self.max_line, out);
+            lines += 1;
             self.partial.clear();
             rest = &rest[i + 1..];
-            lf = find_lf(rest);
+            lf = O::find_lf(rest);
         }
         // Whole lines straight from the input, without copying them.
         while let Some(i) = lf {
-            emit_line(&rest[..i], self.max_line, out);
+            emit_line::<O>(&rest[..i], self.max_line, out);
+            lines += 1;
             rest = &rest[i + 1..];
-            lf = find_lf(rest);
+            lf = O::find_lf(rest);
         }
         // Usually the read ended with a LF: nothing is left over.
         if !rest.is_empty() {
-            self.push_unterminated(rest, out);
+            self.push_unterminated::<O>(rest, out);
         }
         self.release_if_large();
+        lines
     }
 
     /// Adds bytes of a line whose LF has not arrived, cutting a segment each
     /// time more than `max_line` bytes are held. `partial` never grows past
     /// `max_line`: segments are cut from the input as it comes.
-    fn push_unterminated(&mut self, mut bytes: &[u8], out: &mut Sink<'_>) {
+    fn push_unterminated<O: LineOps>(&mut self, mut bytes: &[u8], out: &mut Sink<'_>) {
         while self.partial.len() + bytes.len() > self.max_line {
             if self.partial.is_empty() {
-                let keep = emit_segments(bytes, self.max_line, out);
+                let keep = emit_segments::<O>(bytes, self.max_line, out);
                 bytes = &bytes[bytes.len() - keep..];
                 break;
             }
             let need = self.max_line - self.partial.len();
             self.partial.extend_from_slice(&bytes[..need]);
             bytes = &bytes[need..];
-            reverse_into(&self.partial, out.take(self.max_line));
+            O::reverse(&self.partial, out.take_segment(self.max_line));
             self.partial.clear();
         }
         self.partial.extend_from_slice(bytes);
     }
 
-    /// End of input (the client half-closed): answers the unterminated last
-    /// line, if any, without a terminator.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.partial.is_empty() {
-            let start = out.len();
-            out.resize(start + self.partial.len(), 0);
-            reverse_into(&self.partial, &mut out[start..]);
-            self.partial = Vec::new();
+    /// [`Self::finish`] with the reversal of `O`.
+    fn finish_with<O: LineOps>(&mut self, out: &mut Vec<u8>) -> usize {
+        if self.partial.is_empty() {
+            return 0;
         }
+        let start = out.len();
+        out.resize(start + self.partial.len(), 0);
+        O::reverse(&self.partial, &mut out[start..]);
+        self.partial = Vec::new();
+        1
     }
 
     /// Bytes of the unterminated line currently held.
@@ -183,81 +248,36 @@ struct Sink<'a> {
     buf: &'a mut [u8],
     /// Bytes written so far.
     len: usize,
+    /// Segments of overlong lines taken so far (complete lines are counted
+    /// by the loop over them, where the count stays in a register: counting
+    /// them here cost 5 instructions per line under callgrind).
+    segments: usize,
 }
 
 impl Sink<'_> {
-    /// The next `n` bytes of the region, to be filled by the caller.
+    /// The next `n` bytes of the region, for one reply to be written by the
+    /// caller.
     fn take(&mut self, n: usize) -> &mut [u8] {
         let at = self.len;
         self.len += n;
         &mut self.buf[at..at + n]
     }
-}
 
-/// Position of the first LF in `bytes`.
-///
-/// Most lines are short, and for them `memchr`'s set-up (a call through a
-/// function pointer, alignment handling for 32-byte vectors) costs more than
-/// the search: on x86-64 the first 64 bytes are searched here with SSE2 (one
-/// mask for all 64, so a 64-byte line costs one test, not four), and
-/// `memchr` takes over only for longer lines, where its wider vectors win.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn find_lf(bytes: &[u8]) -> Option<usize> {
-    const INLINE_SCAN: usize = 64;
-    if let Some(block) = bytes.first_chunk::<INLINE_SCAN>() {
-        let mut mask = 0u64;
-        for (k, chunk) in block.chunks_exact(16).enumerate() {
-            mask |= u64::from(lf_mask(chunk.try_into().expect("16 bytes"))) << (16 * k);
-        }
-        if mask != 0 {
-            return Some(mask.trailing_zeros() as usize);
-        }
-        return memchr::memchr(b'\n', &bytes[INLINE_SCAN..]).map(|i| INLINE_SCAN + i);
+    /// [`Self::take`] for a segment of an overlong line, counted.
+    fn take_segment(&mut self, n: usize) -> &mut [u8] {
+        self.segments += 1;
+        self.take(n)
     }
-    // Fewer than 64 bytes: 16 at a time, the last chunk padded with zeros
-    // (which are not LF).
-    for (k, chunk) in bytes.chunks(16).enumerate() {
-        let mut padded = [0u8; 16];
-        padded[..chunk.len()].copy_from_slice(chunk);
-        let mask = lf_mask(&padded);
-        if mask != 0 {
-            return Some(16 * k + mask.trailing_zeros() as usize);
-        }
-    }
-    None
-}
-
-/// Bit `i` set where byte `i` of `chunk` is LF (SSE2 `pcmpeqb` + `pmovmskb`).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn lf_mask(chunk: &[u8; 16]) -> u16 {
-    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_movemask_epi8, _mm_set_epi64x, _mm_set1_epi8};
-    let (lo, hi) = chunk.split_at(8);
-    let lo = u64::from_le_bytes(lo.try_into().expect("8 bytes"));
-    let hi = u64::from_le_bytes(hi.try_into().expect("8 bytes"));
-    // SAFETY: SSE2 is part of the x86-64 baseline, so these intrinsics are
-    // always available; none of them touches memory.
-    let mask = unsafe {
-        let v = _mm_set_epi64x(hi as i64, lo as i64);
-        _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(b'\n' as i8)))
-    };
-    mask as u16
-}
-
-/// Position of the first LF in `bytes`.
-#[cfg(not(target_arch = "x86_64"))]
-#[inline]
-fn find_lf(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr(b'\n', bytes)
 }
 
 /// Cuts `max_line`-byte segments off the front of `raw` (bytes of a line with
 /// no LF yet) while more than `max_line` bytes remain, writing each reversed
 /// segment to `out`. Returns how many bytes at the end were not emitted.
-fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Sink<'_>) -> usize {
+/// Inlined into [`emit_line`], like it.
+#[inline(always)]
+fn emit_segments<O: LineOps>(mut raw: &[u8], max_line: usize, out: &mut Sink<'_>) -> usize {
     while raw.len() > max_line {
-        reverse_into(&raw[..max_line], out.take(max_line));
+        O::reverse(&raw[..max_line], out.take_segment(max_line));
         raw = &raw[max_line..];
     }
     raw.len()
@@ -268,8 +288,8 @@ fn emit_segments(mut raw: &[u8], max_line: usize, out: &mut Sink<'_>) -> usize {
 /// [`LineReverser::feed`] would have cut them while streaming. Inlined: this
 /// is the body of the loop over the lines of every read.
 #[inline(always)]
-fn emit_line(raw: &[u8], max_line: usize, out: &mut Sink<'_>) {
-    let keep = emit_segments(raw, max_line, out);
+fn emit_line<O: LineOps>(raw: &[u8], max_line: usize, out: &mut Sink<'_>) {
+    let keep = emit_segments::<O>(raw, max_line, out);
     let raw = &raw[raw.len() - keep..];
     let reply = out.take(raw.len() + 1);
     // The reply ends as the request did: LF, or CR LF.
@@ -281,16 +301,58 @@ fn emit_line(raw: &[u8], max_line: usize, out: &mut Sink<'_>) {
         }
         _ => raw,
     };
-    // `reverse_into`, with the byte reversal inlined here.
-    let body = &mut reply[..content.len()];
-    if !reverse_bytes(content, body) {
-        reverse_non_ascii(content, body);
+    O::reverse(content, &mut reply[..content.len()]);
+}
+
+/// The two byte-level operations the algorithm is built on. [`Plain`] is the
+/// form to read; [`fast::Fast`] is the form the server runs. Both must give
+/// the same results for every input.
+trait LineOps {
+    /// Position of the first LF in `bytes`.
+    fn find_lf(bytes: &[u8]) -> Option<usize>;
+
+    /// Writes a line's `content` (no terminator) reversed to `dst`, which has
+    /// the same length: by extended grapheme clusters if it is valid UTF-8,
+    /// by bytes otherwise. `content` holds no LF, so no CR LF cluster: that
+    /// is what lets the fast form reverse ASCII by bytes.
+    fn reverse(content: &[u8], dst: &mut [u8]);
+}
+
+/// The plain forms of [`LineOps`]: the reference the fast path is checked
+/// against.
+struct Plain;
+
+impl LineOps for Plain {
+    fn find_lf(bytes: &[u8]) -> Option<usize> {
+        bytes.iter().position(|&b| b == b'\n')
+    }
+
+    fn reverse(content: &[u8], dst: &mut [u8]) {
+        match std::str::from_utf8(content) {
+            Ok(text) => reverse_graphemes(text, dst),
+            Err(_) => {
+                for (d, s) in dst.iter_mut().zip(content.iter().rev()) {
+                    *d = *s;
+                }
+            }
+        }
     }
 }
 
-/// Writes `content` reversed to `dst`, which has the same length: by bytes
-/// for ASCII (the fast path), by extended grapheme clusters for other valid
-/// UTF-8, by bytes otherwise.
+/// Writes `text`'s extended grapheme clusters to `dst` (as long as `text`)
+/// in reverse order, each cluster's bytes kept in order.
+fn reverse_graphemes(text: &str, dst: &mut [u8]) {
+    let mut at = 0;
+    for g in text.graphemes(true).rev() {
+        dst[at..at + g.len()].copy_from_slice(g.as_bytes());
+        at += g.len();
+    }
+}
+
+/// Writes `content` reversed to `dst`, which has the same length: by
+/// extended grapheme clusters for valid UTF-8, by bytes otherwise (the fast
+/// form, as the server runs it). `content` is a line's content: with a LF in
+/// it, ASCII is still reversed by bytes, which splits a CR LF cluster.
 ///
 /// ```
 /// let mut dst = [0u8; 8];
@@ -303,78 +365,7 @@ fn emit_line(raw: &[u8], max_line: usize, out: &mut Sink<'_>) {
 /// If `dst` is not as long as `content`.
 pub fn reverse_into(content: &[u8], dst: &mut [u8]) {
     assert_eq!(content.len(), dst.len(), "reverse_into: lengths differ");
-    // Reverse by bytes first, noting on the way whether any byte was
-    // non-ASCII: one pass instead of an `is_ascii` pass plus a copy pass.
-    // In ASCII every byte is its own grapheme cluster (CR LF, the one
-    // exception, cannot occur inside a line), so that is the answer.
-    if !reverse_bytes(content, dst) {
-        reverse_non_ascii(content, dst);
-    }
-}
-
-/// [`reverse_into`] for content that is not all ASCII, after the byte
-/// reversal: valid UTF-8 is redone by extended grapheme clusters; for
-/// anything else the byte reversal stands. Kept out of line, so that the
-/// segmenter's state does not make every ASCII line save and restore
-/// registers.
-#[inline(never)]
-fn reverse_non_ascii(content: &[u8], dst: &mut [u8]) {
-    let Ok(text) = std::str::from_utf8(content) else {
-        return;
-    };
-    let mut at = 0;
-    for g in text.graphemes(true).rev() {
-        dst[at..at + g.len()].copy_from_slice(g.as_bytes());
-        at += g.len();
-    }
-}
-
-/// Mask of the high bit of every byte of a `u128`: zero in ASCII.
-const HIGH_BITS: u128 = u128::from_ne_bytes([0x80; 16]);
-
-/// Writes `src` in reverse byte order to `dst` (the same length) and returns
-/// whether every byte was ASCII, in one pass and without a byte-by-byte
-/// tail: it works inwards from both ends a word at a time, like an in-place
-/// reversal. Each step loads the next word from the front and the next from
-/// the back, byte-swaps them (`bswap`) and stores each at the other end; the
-/// last step's two words overlap in the middle unless the length is a
-/// multiple of twice the word, and overlapping stores write the same bytes.
-/// The word is the widest of 16, 8, 4 and 2 bytes that fits. (A copy
-/// followed by `<[u8]>::reverse` reads and writes everything twice.)
-#[inline(always)]
-fn reverse_bytes(src: &[u8], dst: &mut [u8]) -> bool {
-    let n = src.len();
-    debug_assert_eq!(n, dst.len());
-    macro_rules! inwards {
-        ($size:literal, $word:ty) => {{
-            // Invariant: `k` bytes are done at each end, and k + $size <= n.
-            let mut seen: $word = 0;
-            let mut k = 0;
-            loop {
-                let front = <$word>::from_le_bytes(src[k..k + $size].try_into().expect("word"));
-                let back =
-                    <$word>::from_le_bytes(src[n - k - $size..n - k].try_into().expect("word"));
-                dst[k..k + $size].copy_from_slice(&back.swap_bytes().to_le_bytes());
-                dst[n - k - $size..n - k].copy_from_slice(&front.swap_bytes().to_le_bytes());
-                seen |= front | back;
-                if n - 2 * k <= 2 * $size {
-                    break;
-                }
-                k += $size;
-            }
-            u128::from(seen) & HIGH_BITS == 0
-        }};
-    }
-    match n {
-        16.. => inwards!(16, u128),
-        8.. => inwards!(8, u64),
-        4.. => inwards!(4, u32),
-        2.. => inwards!(2, u16),
-        _ => {
-            dst.copy_from_slice(src);
-            src.is_ascii()
-        }
-    }
+    Fast::reverse(content, dst);
 }
 
 /// Convenience for tests, benchmarks and the fuzzer: the whole reply to a
@@ -398,7 +389,7 @@ pub fn reverse_stream(input: &[u8], max_line: usize) -> Vec<u8> {
 /// The plain model of SPEC §2 the proptests compare with (shared with the
 /// fuzz target).
 #[cfg(test)]
-#[path = "../tests/common/model.rs"]
+#[path = "../../tests/common/model.rs"]
 mod model;
 
 #[cfg(test)]
@@ -548,47 +539,6 @@ mod tests {
     }
 
     #[test]
-    fn byte_reversal_of_every_length() {
-        for len in 0..300usize {
-            let line: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
-            let mut out = vec![b'#'; len + 2];
-            let ascii = reverse_bytes(&line, &mut out[1..=len]);
-            assert_eq!(ascii, line.is_ascii(), "len {len}");
-            let mut want = line.clone();
-            want.reverse();
-            // Exactly the region is written, nothing around it.
-            assert_eq!(out[0], b'#');
-            assert_eq!(out[len + 1], b'#');
-            assert_eq!(&out[1..=len], &want[..], "len {len}");
-            // The ASCII verdict, at every length and every position.
-            let mut text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            let mut dst = vec![0; len];
-            assert!(reverse_bytes(&text, &mut dst), "len {len}");
-            for pos in 0..len {
-                text[pos] = 0x80;
-                assert!(!reverse_bytes(&text, &mut dst), "len {len} at {pos}");
-                text[pos] = b'a';
-            }
-        }
-    }
-
-    #[test]
-    fn line_end_found_at_every_position() {
-        // Every line length around the 16-byte steps and the hand-over to
-        // memchr at 64 bytes, with and without a second LF after it.
-        for len in 0..200usize {
-            let mut bytes = vec![b'x'; len];
-            assert_eq!(find_lf(&bytes), None, "len {len}");
-            bytes.push(b'\n');
-            bytes.extend_from_slice(b"ab\ncd");
-            assert_eq!(find_lf(&bytes), Some(len), "len {len}");
-            assert_eq!(find_lf(&bytes[..=len]), Some(len), "len {len}");
-        }
-        // Bytes that differ from LF in one bit are not LF.
-        assert_eq!(find_lf(&[0x0b, 0x08, 0x8a, 0x0e, 0x1a, 0x4a]), None);
-    }
-
-    #[test]
     #[should_panic(expected = "lengths differ")]
     fn reverse_into_wants_equal_lengths() {
         reverse_into(b"abc", &mut [0u8; 2]);
@@ -610,22 +560,85 @@ mod tests {
         assert_eq!(out, b"cba\n");
     }
 
+    #[test]
+    fn reply_counts_are_exact() {
+        let mut out = Vec::new();
+        let mut r = LineReverser::new(100);
+        assert_eq!(r.feed(b"", &mut out), 0);
+        assert_eq!(r.feed(b"one\ntwo\r\n\n", &mut out), 3);
+        assert_eq!(r.feed(b"thr", &mut out), 0);
+        assert_eq!(r.feed(b"ee\nfo", &mut out), 1);
+        assert_eq!(r.finish(&mut out), 1);
+        // Nothing held: finish appends nothing and counts nothing.
+        assert_eq!(r.finish(&mut out), 0);
+        assert_eq!(out, b"eno\nowt\r\n\neerht\nof");
+        // Segments count one each: "dcba" "hgfe" "ji\n".
+        let mut r = LineReverser::new(4);
+        assert_eq!(r.feed(b"abcdefghij\n", &mut out), 3);
+        // Streamed: a segment as soon as it is full, then the rest.
+        assert_eq!(r.feed(b"abcde", &mut out), 1);
+        assert_eq!(r.feed(b"fghij", &mut out), 1);
+        assert_eq!(r.feed(b"\n", &mut out), 1);
+        // max_line content + CR LF: a segment, then an empty CRLF line, both
+        // whole and streamed.
+        assert_eq!(r.feed(b"abcd\r\n", &mut out), 2);
+        assert_eq!(r.feed(b"abcd\r", &mut out), 1);
+        assert_eq!(r.feed(b"\n", &mut out), 1);
+        // The plain reference counts the same.
+        let mut p = LineReverser::new(4);
+        assert_eq!(p.feed_plain(b"abcdefghij\nxy", &mut out), 3);
+        assert_eq!(p.finish_plain(&mut out), 1);
+    }
+
     /// Feeds `input` in the chunks `cuts` describes, then half-closes.
     fn feed_split(input: &[u8], cuts: &[usize], max_line: usize) -> Vec<u8> {
+        feed_split_counted(input, cuts, max_line).0
+    }
+
+    /// [`feed_split`], also returning the sum of the reply counts.
+    fn feed_split_counted(input: &[u8], cuts: &[usize], max_line: usize) -> (Vec<u8>, usize) {
         let mut r = LineReverser::new(max_line);
         let mut out = Vec::new();
+        let mut replies = 0;
+        for chunk in chunks(input, cuts) {
+            replies += r.feed(chunk, &mut out);
+        }
+        replies += r.finish(&mut out);
+        (out, replies)
+    }
+
+    /// `input` cut into the pieces `cuts` describes (each cut taken modulo
+    /// what is left, so a cut may give an empty piece); the rest is the last.
+    fn chunks<'a>(input: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut pieces = Vec::new();
         let mut rest = input;
         for &c in cuts {
             if rest.is_empty() {
                 break;
             }
             let (a, b) = rest.split_at(c % (rest.len() + 1));
-            r.feed(a, &mut out);
+            pieces.push(a);
             rest = b;
         }
-        r.feed(rest, &mut out);
-        r.finish(&mut out);
-        out
+        pieces.push(rest);
+        pieces
+    }
+
+    /// Any bytes: the structured [`stream`], plain random bytes, and random
+    /// bytes dense in LF and CR with lines around the fast path's 16- and
+    /// 64-byte steps.
+    fn any_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let dense = prop_oneof![
+            4 => any::<u8>(),
+            2 => Just(b'\n'),
+            1 => Just(b'\r'),
+            4 => b' '..=b'~',
+        ];
+        prop_oneof![
+            stream(),
+            prop::collection::vec(any::<u8>(), 0..600),
+            prop::collection::vec(dense, 0..600),
+        ]
     }
 
     /// Lines that mix ASCII, CR, LF, multi-byte UTF-8, combining marks,
@@ -688,6 +701,53 @@ mod tests {
             max_line in prop_oneof![1usize..40, Just(DEFAULT_MAX_LINE)],
         ) {
             prop_assert_eq!(feed_split(&input, &cuts, max_line), model::model(&input, max_line));
+        }
+
+        /// The fast path gives exactly the plain reference's bytes: the same
+        /// replies after every read, the same counts, the same bytes held.
+        #[test]
+        fn fast_path_matches_plain_reference(
+            input in any_bytes(),
+            cuts in prop::collection::vec(any::<usize>(), 0..20),
+            max_line in prop_oneof![1usize..40, 40usize..200, Just(DEFAULT_MAX_LINE)],
+        ) {
+            let mut fast = LineReverser::new(max_line);
+            let mut plain = LineReverser::new(max_line);
+            let (mut fast_out, mut plain_out) = (Vec::new(), Vec::new());
+            for chunk in chunks(&input, &cuts) {
+                let n_fast = fast.feed(chunk, &mut fast_out);
+                let n_plain = plain.feed_plain(chunk, &mut plain_out);
+                prop_assert_eq!(n_fast, n_plain);
+                prop_assert_eq!(&fast_out, &plain_out);
+                prop_assert_eq!(fast.pending(), plain.pending());
+            }
+            prop_assert_eq!(fast.finish(&mut fast_out), plain.finish_plain(&mut plain_out));
+            prop_assert_eq!(fast_out, plain_out);
+        }
+
+        /// `reverse_into` (fast) against the plain reversal, on any line
+        /// content (anything without a LF).
+        #[test]
+        fn fast_reversal_matches_plain(line in any_bytes()) {
+            let content: Vec<u8> = line.into_iter().filter(|&b| b != b'\n').collect();
+            let (mut fast, mut plain) = (vec![0; content.len()], vec![0; content.len()]);
+            reverse_into(&content, &mut fast);
+            Plain::reverse(&content, &mut plain);
+            prop_assert_eq!(fast, plain);
+        }
+
+        /// The counts `feed` and `finish` return add up to exactly the
+        /// number of replies in the model, for any split.
+        #[test]
+        fn reply_count_matches_the_model(
+            input in any_bytes(),
+            cuts in prop::collection::vec(any::<usize>(), 0..20),
+            max_line in prop_oneof![1usize..40, Just(DEFAULT_MAX_LINE)],
+        ) {
+            let (out, replies) = feed_split_counted(&input, &cuts, max_line);
+            let want = model::replies(&input, max_line);
+            prop_assert_eq!(replies, want.len());
+            prop_assert_eq!(out, want.concat());
         }
 
         /// Byte by byte too (the extreme split).
