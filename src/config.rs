@@ -723,8 +723,9 @@ mod tests {
         assert_eq!(f.metrics.unwrap().to_string(), "127.0.0.1:9100");
         assert_eq!(f.access_log.unwrap(), PathBuf::from("/tmp/a.log"));
         assert!(f.ignored_keys.is_empty(), "{:?}", f.ignored_keys);
-        let e = parse_file(r#"{"metrics":"nope","servers":[{"listeners":[{"host":"a","port":1}]}]}"#)
-            .unwrap_err();
+        let e =
+            parse_file(r#"{"metrics":"nope","servers":[{"listeners":[{"host":"a","port":1}]}]}"#)
+                .unwrap_err();
         assert_eq!(e, "metrics: 'nope' is not HOST:PORT");
         let s = Settings::from_cli(cli(&["--metrics", "[::1]:0", "--access-log", "-"]).unwrap())
             .unwrap();

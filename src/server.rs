@@ -102,9 +102,9 @@ fn adopt_listeners(
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::with_capacity(sockets.len());
     for socket in sockets {
-        let at = socket
-            .local_addr()
-            .map_err(|e| ServerError::Fatal(format!("LISTEN_FDS socket: {}", crate::os_reason(&e))))?;
+        let at = socket.local_addr().map_err(|e| {
+            ServerError::Fatal(format!("LISTEN_FDS socket: {}", crate::os_reason(&e)))
+        })?;
         let addr = ListenAddr {
             host: at.ip().to_string(),
             port: at.port(),
@@ -120,11 +120,14 @@ fn adopt_listeners(
     Ok(OpenListeners { per_worker, bound })
 }
 
+/// The access log's handle for the workers, and its writer thread.
+type AccessLogParts = (AccessLog, AccessLogWriter);
+
 /// Opens what observes the server: the metrics endpoint and the access
 /// log, each only if configured. Failing to open either stops start-up.
 fn open_observers(
     settings: &Settings,
-) -> Result<(Option<Arc<Metrics>>, Option<(AccessLog, AccessLogWriter)>), ServerError> {
+) -> Result<(Option<Arc<Metrics>>, Option<AccessLogParts>), ServerError> {
     let metrics = match &settings.metrics {
         None => None,
         Some(addr) => {
@@ -140,11 +143,7 @@ fn open_observers(
             crate::observe::metrics::serve(socket, metrics.clone()).map_err(|e| {
                 ServerError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
             })?;
-            xps_log!(
-                Level::Info,
-                "main()",
-                "metrics on http://{local}/metrics"
-            );
+            xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
             Some(metrics)
         }
     };
@@ -211,14 +210,15 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     // as soon as the server says it is up must start a graceful shutdown,
     // not kill it. Signals that come before the signal thread starts wait
     // in signal-hook's pipe.
-    let signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
-        .map_err(|e| fatal("signal handler", e))?;
+    let signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).map_err(|e| fatal("signal handler", e))?;
     // systemd socket activation: the sockets systemd passed replace the
     // configured listeners (taken before any thread starts).
     let open = match systemd::listen_fds().map_err(ServerError::Fatal)? {
         Some(sockets) => adopt_listeners(sockets, settings.workers)?,
-        None => open_listeners(&settings.listeners, settings.workers)
-            .map_err(ServerError::Listen)?,
+        None => {
+            open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?
+        }
     };
     let notifier = Notifier::from_env();
     let (metrics, access_log) = open_observers(settings)?;

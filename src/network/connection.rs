@@ -454,7 +454,7 @@ impl Connection {
     /// too, so the unterminated line is finished and answered.
     fn end_drain(&mut self, out: &mut Vec<u8>) {
         if peer_closed(&self.stream) {
-            self.reverser.finish(out);
+            self.totals.lines += self.reverser.finish(out) as u64;
         }
         self.phase = Phase::InputDone {
             then: AfterReplies::Linger,
@@ -539,7 +539,7 @@ impl Connection {
             match self.stream.read(&mut scratch.read[..want]) {
                 Ok(0) => {
                     self.ready.readable = false;
-                    self.reverser.finish(&mut scratch.out);
+                    self.totals.lines += self.reverser.finish(&mut scratch.out) as u64;
                     self.phase = Phase::InputDone {
                         then: match self.phase {
                             Phase::Draining { .. } => AfterReplies::Linger,
@@ -552,10 +552,10 @@ impl Connection {
                 Ok(n) => {
                     total += n;
                     self.totals.received += n as u64;
-                    let before = scratch.out.len();
-                    self.reverser.feed(&scratch.read[..n], &mut scratch.out);
+                    let replies = self.reverser.feed(&scratch.read[..n], &mut scratch.out);
+                    self.totals.lines += replies as u64;
                     if let (Some(timeout), Phase::Open) = (line_timeout, self.phase) {
-                        self.restart_line_clock(scratch.out.len() > before, now, timeout);
+                        self.restart_line_clock(replies > 0, now, timeout);
                     }
                     if let Phase::Draining { unread } = &mut self.phase {
                         *unread -= n;
