@@ -277,7 +277,11 @@ impl Core {
     ) -> io::Result<Core> {
         let mut slots = Slab::with_capacity(listeners.len());
         for mut listener in listeners {
-            let name: Arc<str> = listener.addr.to_string().into();
+            // Named by the address it is bound to (port 0 resolved).
+            let name: Arc<str> = match listener.socket.local_addr() {
+                Ok(at) => at.to_string().into(),
+                Err(_) => listener.addr.to_string().into(),
+            };
             let counter = observers.metrics.as_ref().map(|(m, _)| m.listener(&name));
             let entry = slots.vacant_entry();
             handle.attach(

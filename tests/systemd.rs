@@ -9,8 +9,9 @@
 //!   `LISTEN_FDS`/`LISTEN_PID`), xps must answer on the passed sockets with
 //!   every worker and bind nothing of its own.
 //!
-//! Ignored until `server.rs` uses `xps::control::systemd`; run them with
-//! `cargo test --release --test systemd -- --include-ignored`.
+//! Socket activation needs `systemd-socket-activate` (Debian package
+//! `systemd`, which `scripts/test.sh` installs); without it those tests say
+//! SKIPPED loudly.
 
 mod common;
 use common::*;
@@ -151,7 +152,6 @@ fn config_file() -> PathBuf {
 }
 
 #[test]
-#[ignore = "needs server wiring"]
 fn notify_ready_reloading_stopping() {
     let mut notify = NotifySocket::new();
     let config = config_file();
@@ -358,13 +358,11 @@ fn socket_activation(ports: usize, workers: usize) {
 }
 
 #[test]
-#[ignore = "needs server wiring"]
 fn socket_activation_one_worker() {
     socket_activation(1, 1);
 }
 
 #[test]
-#[ignore = "needs server wiring"]
 fn socket_activation_two_workers_two_sockets() {
     socket_activation(2, 2);
 }
