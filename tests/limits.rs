@@ -18,11 +18,6 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// `line` reversed byte by byte (the tests only send ASCII).
-fn rev(line: &str) -> String {
-    line.chars().rev().collect()
-}
-
 /// Sends `line` + LF and checks that exactly its reversal + LF comes back.
 fn round_trip(s: &mut TcpStream, line: &str) {
     s.write_all(format!("{line}\n").as_bytes())
@@ -91,20 +86,6 @@ fn read_until_end(s: &mut TcpStream) -> (usize, Option<std::io::Error>) {
             Err(e) => return (total, Some(e)),
         }
     }
-}
-
-/// Pipelined lines `"{tag} {i:06} …"` and the exact replies they must get.
-fn numbered_lines(tag: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
-    let mut input = Vec::new();
-    let mut output = Vec::new();
-    for i in 0..n {
-        let line = format!("{tag} {i:06} the quick brown fox");
-        input.extend_from_slice(line.as_bytes());
-        input.push(b'\n');
-        output.extend_from_slice(rev(&line).as_bytes());
-        output.push(b'\n');
-    }
-    (input, output)
 }
 
 fn assert_alive(server: &mut Server) {
@@ -587,20 +568,6 @@ fn idle_timeout_closes_a_client_that_stopped_reading() {
 }
 
 // 10 ────────────────────────────────────────────────────────────────────────
-
-/// Bytes waiting unread in the receive queue of the server's end of the
-/// connection `server_port` ↔ `client_port` (from /proc/net/tcp).
-fn server_rx_queue(server_port: u16, client_port: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
-        if port(f[1])? != server_port || port(f[2])? != client_port {
-            return None;
-        }
-        u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok()
-    })
-}
 
 #[test]
 fn sigterm_answers_lines_held_back_by_flow_control() {

@@ -6,7 +6,6 @@ use common::*;
 // promtool), and the access log (exact records, reopened after a rename).
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};

@@ -17,38 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn rev(line: &str) -> String {
-    line.chars().rev().collect()
-}
-
-/// Pipelined lines and the exact replies they must get.
-fn numbered_lines(tag: &str, n: usize) -> (Vec<u8>, Vec<u8>) {
-    let mut input = Vec::new();
-    let mut output = Vec::new();
-    for i in 0..n {
-        let line = format!("{tag} {i:06} the quick brown fox");
-        input.extend_from_slice(line.as_bytes());
-        input.push(b'\n');
-        output.extend_from_slice(rev(&line).as_bytes());
-        output.push(b'\n');
-    }
-    (input, output)
-}
-
-/// Bytes unread in the receive queue of the server's end of the connection
-/// `server_port` ↔ `client_port` (from /proc/net/tcp).
-fn server_rx_queue(server_port: u16, client_port: u16) -> Option<u64> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    table.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
-        if port(f[1])? != server_port || port(f[2])? != client_port {
-            return None;
-        }
-        u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok()
-    })
-}
-
 /// A client socket with a small receive buffer, set before connecting so
 /// the window is small from the start: replies back up in the server
 /// instead of in the kernel.
