@@ -32,7 +32,7 @@ pub const DEFAULT_LINE_TIMEOUT_SECS: u64 = 60;
 pub const MAX_WORKERS: usize = 1024;
 
 /// `xps [CONFIG] [OPTIONS]`: the command line, as clap parses it.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "xps",
     version,
@@ -145,6 +145,8 @@ pub struct Settings {
     pub metrics: Option<ListenAddr>,
     /// `--access-log`: where to write the access log (`-` = stdout).
     pub access_log: Option<PathBuf>,
+    /// The CONFIG file, if one was given (SIGHUP reloads it).
+    pub config: Option<PathBuf>,
 }
 
 /// A bad config file or option value: exit status 2.
@@ -286,6 +288,14 @@ struct ConfigFile {
     metrics: Option<String>,
     #[serde(default)]
     access_log: Option<String>,
+    #[serde(default)]
+    max_connections: Option<u64>,
+    #[serde(default)]
+    max_line: Option<u64>,
+    #[serde(default)]
+    idle_timeout: Option<u64>,
+    #[serde(default)]
+    line_timeout: Option<u64>,
     servers: Vec<ServerSection>,
     #[serde(flatten)]
     other: Map<String, Value>,
@@ -319,6 +329,40 @@ pub struct FileConfig {
     pub metrics: Option<ListenAddr>,
     /// `access_log`, if present.
     pub access_log: Option<PathBuf>,
+    /// `max_connections`, `max_line`, `idle_timeout`, `line_timeout` (in
+    /// seconds), each if present: the same limits as the options of those
+    /// names, which win over them.
+    pub limits: FileLimits,
+}
+
+/// The limits a config file may set (top-level keys named like the
+/// options).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileLimits {
+    /// `max_connections`.
+    pub max_connections: Option<u64>,
+    /// `max_line`.
+    pub max_line: Option<u64>,
+    /// `idle_timeout`, seconds (0 = never).
+    pub idle_timeout: Option<u64>,
+    /// `line_timeout`, seconds (0 = never).
+    pub line_timeout: Option<u64>,
+}
+
+/// `value` if it is within `range`, else the error naming `key`.
+fn in_range(
+    key: &str,
+    value: Option<u64>,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, String> {
+    match value {
+        Some(v) if !range.contains(&v) => Err(format!(
+            "{key}: {v} is out of range {}-{}",
+            range.start(),
+            range.end()
+        )),
+        v => Ok(v),
+    }
 }
 
 /// Reads and checks a config file.
@@ -384,12 +428,19 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         Some("") => return Err("access_log is empty".to_string()),
         other => other.map(PathBuf::from),
     };
+    let limits = FileLimits {
+        max_connections: in_range("max_connections", file.max_connections, 1..=10_000_000)?,
+        max_line: in_range("max_line", file.max_line, 1..=(1 << 30))?,
+        idle_timeout: in_range("idle_timeout", file.idle_timeout, 0..=(1 << 32))?,
+        line_timeout: in_range("line_timeout", file.line_timeout, 0..=(1 << 32))?,
+    };
     Ok(FileConfig {
         listeners,
         workers,
         ignored_keys: ignored.into_iter().collect(),
         metrics,
         access_log,
+        limits,
     })
 }
 
@@ -428,15 +479,29 @@ impl Settings {
             .or(file.as_ref().and_then(|f| f.workers))
             .unwrap_or(1);
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        let fl = file.as_ref().map(|f| f.limits).unwrap_or_default();
         Ok(Settings {
             listeners,
             workers,
             max_connections: cli
                 .max_connections
+                .or(fl.max_connections)
                 .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as usize),
-            max_line: cli.max_line.map_or(DEFAULT_MAX_LINE, |n| n as usize),
-            idle_timeout: secs(cli.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS)),
-            line_timeout: secs(cli.line_timeout.unwrap_or(DEFAULT_LINE_TIMEOUT_SECS)),
+            max_line: cli
+                .max_line
+                .or(fl.max_line)
+                .map_or(DEFAULT_MAX_LINE, |n| n as usize),
+            idle_timeout: secs(
+                cli.idle_timeout
+                    .or(fl.idle_timeout)
+                    .unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+            ),
+            line_timeout: secs(
+                cli.line_timeout
+                    .or(fl.line_timeout)
+                    .unwrap_or(DEFAULT_LINE_TIMEOUT_SECS),
+            ),
+            config: cli.config.clone(),
             metrics: cli
                 .metrics
                 .or_else(|| file.as_ref().and_then(|f| f.metrics.clone())),
@@ -711,6 +776,32 @@ mod tests {
             let e = cli(args).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{args:?}");
         }
+    }
+
+    #[test]
+    fn limits_come_from_the_file_unless_an_option_says_otherwise() {
+        let text = r#"{"idle_timeout":7,"line_timeout":0,"max_line":10,"max_connections":5,
+                       "servers":[{"listeners":[{"host":"a","port":1}]}]}"#;
+        let path = temp_config(text);
+        let p = path.to_str().unwrap();
+        let s = Settings::from_cli(cli(&[p]).unwrap()).unwrap();
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(s.line_timeout, None);
+        assert_eq!((s.max_line, s.max_connections), (10, 5));
+        let s = Settings::from_cli(cli(&[p, "--idle-timeout", "9"]).unwrap()).unwrap();
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(9)));
+        std::fs::remove_file(&path).unwrap();
+        let e = parse_file(r#"{"max_line":0,"servers":[{"listeners":[{"host":"a","port":1}]}]}"#)
+            .unwrap_err();
+        assert_eq!(e, "max_line: 0 is out of range 1-1073741824");
+    }
+
+    fn temp_config(text: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("xps-cfg-{}-{n}.json", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
     }
 
     #[test]

@@ -154,13 +154,6 @@ pub struct Timeouts {
     pub line: Option<Duration>,
 }
 
-impl Timeouts {
-    /// Whether any deadline is kept at all.
-    fn any(&self) -> bool {
-        self.idle.is_some() || self.line.is_some()
-    }
-}
-
 /// What a worker reports to: the metrics and the access log, each off
 /// unless configured. The line path pays for neither when they are off.
 #[derive(Debug, Default)]
@@ -219,6 +212,29 @@ struct Entry {
     since: Instant,
     /// The listener it came through.
     listener: Arc<str>,
+    /// The timeouts in force when it was accepted (a reload changes them
+    /// for new connections only).
+    timeouts: Timeouts,
+}
+
+/// What the control thread (SIGHUP reload) sends a worker; delivered
+/// through the worker's waker.
+#[derive(Debug)]
+pub enum CoreMsg {
+    /// Apply a reloaded configuration.
+    Reconfigure(Reconfigure),
+}
+
+/// A worker's share of a reload: its sockets for the new listeners, the
+/// listeners to close, and the limits for new connections.
+#[derive(Debug)]
+pub struct Reconfigure {
+    /// New listening sockets (already bound and listening).
+    pub add: Vec<Listener>,
+    /// Listeners to close, by configured address; their connections go on.
+    pub remove: Vec<crate::config::ListenAddr>,
+    /// Limits for connections accepted from now on.
+    pub limits: Limits,
 }
 
 /// One worker: its listeners, its connections, its timers.
@@ -262,6 +278,8 @@ pub struct Core {
     accept_failures: u64,
     /// Metrics and access log.
     observers: Observers,
+    /// Messages from the control thread (reload), if it may send any.
+    control: Option<std::sync::mpsc::Receiver<CoreMsg>>,
     /// What moved this turn, added to the metrics once per turn.
     tally: Totals,
 }
@@ -274,37 +292,15 @@ impl Core {
         limits: Limits,
         shared: Arc<Shared>,
         observers: Observers,
+        control: Option<std::sync::mpsc::Receiver<CoreMsg>>,
     ) -> io::Result<Core> {
-        let mut slots = Slab::with_capacity(listeners.len());
-        for mut listener in listeners {
-            // Named by the address it is bound to (port 0 resolved).
-            let name: Arc<str> = match listener.socket.local_addr() {
-                Ok(at) => at.to_string().into(),
-                Err(_) => listener.addr.to_string().into(),
-            };
-            let counter = observers.metrics.as_ref().map(|(m, _)| m.listener(&name));
-            let entry = slots.vacant_entry();
-            handle.attach(
-                &mut listener.socket,
-                Target::Listener(entry.key()).token(),
-                Interest::READABLE,
-            )?;
-            // The backlog may already hold connections: look at once.
-            entry.insert(ListenerSlot {
-                listener,
-                name,
-                counter,
-                ready: true,
-            });
-        }
-        let timer = match limits.timeouts.any() {
-            true => Some(LoopTimer::create(&handle, Target::Timer.token())?),
-            false => None,
-        };
-        Ok(Core {
+        // The timer exists even without timeouts (a reload may set some);
+        // it is armed only while deadlines wait.
+        let timer = Some(LoopTimer::create(&handle, Target::Timer.token())?);
+        let mut core = Core {
             timer,
             handle,
-            listeners: slots,
+            listeners: Slab::with_capacity(listeners.len()),
             connections: Slab::new(),
             scratch: Scratch::default(),
             limits,
@@ -319,8 +315,78 @@ impl Core {
             accept_warned: None,
             accept_failures: 0,
             observers,
+            control,
             tally: Totals::default(),
-        })
+        };
+        for listener in listeners {
+            core.listener_attach(listener)?;
+        }
+        Ok(core)
+    }
+
+    /// `xps_listener_create()`'s attach half: registers a listening socket
+    /// with this loop and looks at its backlog at once.
+    fn listener_attach(&mut self, mut listener: Listener) -> io::Result<()> {
+        // Named by the address it is bound to (port 0 resolved).
+        let name: Arc<str> = match listener.socket.local_addr() {
+            Ok(at) => at.to_string().into(),
+            Err(_) => listener.addr.to_string().into(),
+        };
+        let counter = self
+            .observers
+            .metrics
+            .as_ref()
+            .map(|(m, _)| m.listener(&name));
+        let entry = self.listeners.vacant_entry();
+        self.handle.attach(
+            &mut listener.socket,
+            Target::Listener(entry.key()).token(),
+            Interest::READABLE,
+        )?;
+        // The backlog may already hold connections: look at once.
+        entry.insert(ListenerSlot {
+            listener,
+            name,
+            counter,
+            ready: true,
+        });
+        Ok(())
+    }
+
+    /// Step 0: applies what the control thread sent (a reload). Listeners
+    /// removed close now; their connections go on until they end. New
+    /// limits apply to connections accepted from now on.
+    fn apply_control(&mut self) {
+        let Some(rx) = &self.control else {
+            return;
+        };
+        let msgs: Vec<CoreMsg> = rx.try_iter().collect();
+        for msg in msgs {
+            let CoreMsg::Reconfigure(r) = msg;
+            if self.shutdown_deadline.is_some() {
+                continue; // shutting down: nothing to serve any more
+            }
+            let gone: Vec<usize> = self
+                .listeners
+                .iter()
+                .filter(|(_, ls)| r.remove.contains(&ls.listener.addr))
+                .map(|(k, _)| k)
+                .collect();
+            for key in gone {
+                self.listeners.remove(key); // closes the socket
+            }
+            for listener in r.add {
+                let addr = listener.addr.clone();
+                if let Err(e) = self.listener_attach(listener) {
+                    xps_log!(
+                        Level::Warning,
+                        "xps_core_reload()",
+                        "cannot watch the new listener {addr}: {e}"
+                    );
+                }
+            }
+            self.limits = r.limits;
+        }
     }
 
     /// `xps_listener_connection_handler()`: accepts until the backlog is
@@ -426,7 +492,8 @@ impl Core {
             m.accepted(counter);
         }
         let listener = ls.name.clone();
-        let timer_due = self.limits.timeouts.idle.map(|t| self.now + t);
+        let timeouts = self.limits.timeouts;
+        let timer_due = timeouts.idle.map(|t| self.now + t);
         if let Some(due) = timer_due {
             self.timers.push(Reverse((due, key, id)));
         }
@@ -444,6 +511,7 @@ impl Core {
             peer,
             since: self.now,
             listener,
+            timeouts,
         });
     }
 
@@ -527,7 +595,7 @@ impl Core {
         self.scratch.out.clear();
         let conn = &mut entry.conn;
         let before = conn.totals;
-        let status = conn.drive(&mut self.scratch, self.now, self.limits.timeouts.line);
+        let status = conn.drive(&mut self.scratch, self.now, entry.timeouts.line);
         self.tally.add(conn.totals.since(before));
         match status {
             Status::Idle => {}
@@ -630,7 +698,7 @@ impl Core {
             if entry.timer_due != Some(deadline) {
                 continue; // superseded by an earlier entry, already handled
             }
-            match entry.conn.check_deadlines(self.now, self.limits.timeouts) {
+            match entry.conn.check_deadlines(self.now, entry.timeouts) {
                 Deadline::Expired(reason) => self.connection_destroy(key, &reason),
                 Deadline::Next(due) => {
                     entry.timer_due = Some(due);
@@ -743,7 +811,7 @@ impl Handler for Core {
 
     fn on_event(&mut self, event: &Event) {
         match Target::of(event.token()) {
-            Target::Waker => {} // the stop flag is read in after_events
+            Target::Waker => {} // stop flag and control messages: after_events
             Target::Timer => {
                 if let Some(timer) = &mut self.timer {
                     timer.fired(); // deadlines run in after_events
@@ -771,6 +839,7 @@ impl Handler for Core {
     }
 
     fn after_events(&mut self) -> Option<Duration> {
+        self.apply_control();
         self.check_stop();
         self.run_deferred();
         self.retry_listeners();

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         xps_log!(Level::Error, "main()", "{name} panicked: {info}");
     }));
     let check = cli.check;
-    let settings = match Settings::from_cli(cli) {
+    let settings = match Settings::from_cli(cli.clone()) {
         Ok(s) => s,
         Err(e) => {
             xps_log!(Level::Error, "main()", "{e}");
@@ -54,7 +54,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    match server::run(&settings) {
+    match server::run(&settings, cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServerError::Listen(_)) | Err(e @ ServerError::Fatal(_)) => {
             xps_log!(Level::Error, "main()", "{e}");

@@ -28,9 +28,11 @@ use mio::Waker;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use crate::config::Cli;
 use crate::config::{ListenAddr, Settings};
+use crate::control::reload::{self, Reloader, WorkerLink};
 use crate::control::systemd::{self, Notifier};
-use crate::core::{Core, Limits, Observers, Shared, Target, Timeouts};
+use crate::core::{Core, Observers, Shared, Target};
 use crate::event_loop::EventLoop;
 use crate::network::listener::{self, ListenError, Listener};
 use crate::observe::access_log::{self, AccessLog, AccessLogWriter};
@@ -171,7 +173,7 @@ struct Stopper {
     /// The flag every core reads after each wake-up.
     shared: Arc<Shared>,
     /// One waker per worker loop.
-    wakers: Arc<Vec<Waker>>,
+    wakers: Arc<Vec<Arc<Waker>>>,
 }
 
 impl Stopper {
@@ -193,8 +195,9 @@ pub fn check(settings: &Settings) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Runs the server until a signal stops it.
-pub fn run(settings: &Settings) -> Result<(), ServerError> {
+/// Runs the server until a signal stops it. `cli` is the command line the
+/// settings came from: a reload merges it with the CONFIG file again.
+pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     if !settings.ignored_keys.is_empty() {
         xps_log!(
             Level::Warning,
@@ -214,7 +217,9 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
         Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).map_err(|e| fatal("signal handler", e))?;
     // systemd socket activation: the sockets systemd passed replace the
     // configured listeners (taken before any thread starts).
-    let open = match systemd::listen_fds().map_err(ServerError::Fatal)? {
+    let activated = systemd::listen_fds().map_err(ServerError::Fatal)?;
+    let activated_flag = activated.is_some();
+    let open = match activated {
         Some(sockets) => adopt_listeners(sockets, settings.workers)?,
         None => {
             open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?
@@ -223,15 +228,10 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     let notifier = Notifier::from_env();
     let (metrics, access_log) = open_observers(settings)?;
     let shared = Shared::new(settings.max_connections);
-    let limits = Limits {
-        max_line: settings.max_line,
-        timeouts: Timeouts {
-            idle: settings.idle_timeout,
-            line: settings.line_timeout,
-        },
-    };
+    let limits = reload::limits_of(settings);
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
+    let mut links = Vec::with_capacity(settings.workers);
     for (worker, listeners) in open.per_worker.into_iter().enumerate() {
         let observers = Observers {
             worker,
@@ -241,14 +241,27 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
             access_log: access_log.as_ref().map(|(log, _)| log.clone()),
         };
         let event_loop = EventLoop::create().map_err(|e| fatal("epoll_create()", e))?;
-        wakers.push(
+        let waker = Arc::new(
             event_loop
                 .waker(Target::Waker.token())
                 .map_err(|e| fatal("eventfd()", e))?,
         );
+        let (tx, rx) = mpsc::channel();
+        links.push(WorkerLink {
+            tx,
+            waker: waker.clone(),
+        });
+        wakers.push(waker);
         let handle = event_loop.handle().map_err(|e| fatal("epoll dup", e))?;
-        let core = Core::new(handle, listeners, limits, shared.clone(), observers)
-            .map_err(|e| fatal("epoll_ctl(listener)", e))?;
+        let core = Core::new(
+            handle,
+            listeners,
+            limits,
+            shared.clone(),
+            observers,
+            Some(rx),
+        )
+        .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
     // Every listener of every worker is open: now say so.
@@ -270,9 +283,16 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
     let signal_handle = signals.handle();
     let control = Control {
         stopper: stopper.clone(),
-        notifier: notifier.clone(),
-        access_log: access_log.as_ref().map(|(log, _)| log.clone()),
-        reloads: metrics.clone(),
+        reloader: Reloader {
+            cli,
+            current: settings.clone(),
+            activated: activated_flag,
+            workers: links,
+            slots: slots.clone(),
+            access_log: access_log.as_ref().map(|(log, _)| log.clone()),
+            metrics: metrics.clone(),
+            notifier: notifier.clone(),
+        },
     };
     let signal_thread =
         spawn_signal_thread(signals, control).map_err(|e| fatal("spawn signal thread", e))?;
@@ -320,20 +340,17 @@ fn status_text(open: usize) -> String {
 struct Control {
     /// Stops the workers (SIGINT, SIGTERM).
     stopper: Stopper,
-    /// Tells systemd about it.
-    notifier: Notifier,
-    /// Reopened on SIGUSR1 and SIGHUP.
-    access_log: Option<AccessLog>,
-    /// Counts reload attempts (`xps_reloads_total`).
-    reloads: Option<Arc<Metrics>>,
+    /// Reloads (SIGHUP) and reopens the access log (SIGUSR1, SIGHUP).
+    reloader: Reloader,
 }
 
 /// The signal thread: the first SIGINT/SIGTERM stops every worker
-/// gracefully, a second exits at once with 128+N; SIGUSR1 reopens the
-/// access log (logrotate's convention), and so does SIGHUP.
+/// gracefully, a second exits at once with 128+N; SIGHUP reloads the
+/// CONFIG file (and reopens the access log); SIGUSR1 reopens the access log
+/// (logrotate's convention).
 fn spawn_signal_thread(
     mut signals: Signals,
-    control: Control,
+    mut control: Control,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("xps-signals".into())
@@ -341,26 +358,13 @@ fn spawn_signal_thread(
             let mut stops = 0;
             for sig in signals.forever() {
                 match sig {
-                    SIGUSR1 | SIGHUP => {
-                        if let Some(log) = &control.access_log {
+                    SIGUSR1 => {
+                        if let Some(log) = &control.reloader.access_log {
                             log.reopen();
                         }
-                        if sig == SIGHUP {
-                            control.notifier.reloading();
-                            // Configuration reload is not built yet: say so
-                            // rather than pretend (the access log was
-                            // reopened).
-                            xps_log!(
-                                Level::Warning,
-                                "xps_core_reload()",
-                                "SIGHUP: access log reopened; configuration reload is not supported by this build, restart to change the configuration"
-                            );
-                            if let Some(m) = &control.reloads {
-                                m.reload(false);
-                            }
-                            control.notifier.ready();
-                        }
                     }
+                    SIGHUP if stops == 0 => control.reloader.on_sighup(),
+                    SIGHUP => {}
                     _ => {
                         stops += 1;
                         let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
@@ -370,7 +374,7 @@ fn spawn_signal_thread(
                                 "main()",
                                 "{name} received: finishing replies, then exiting (send it again to exit at once)"
                             );
-                            control.notifier.stopping();
+                            control.reloader.notifier.stopping();
                             control.stopper.stop_all();
                         } else {
                             xps_log!(Level::Warning, "main()", "second {name}: exiting now");

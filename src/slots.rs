@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct Slots {
     /// Slots taken, over all workers.
     taken: AtomicUsize,
-    /// `--max-connections`.
-    max: usize,
+    /// `--max-connections` (a reload may change it; connections above a
+    /// lowered cap are not closed, new ones wait).
+    max: AtomicUsize,
 }
 
 /// One taken slot; dropping it gives the slot back.
@@ -33,15 +34,16 @@ impl Slots {
     pub fn new(max: usize) -> Arc<Slots> {
         Arc::new(Slots {
             taken: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         })
     }
 
     /// Takes a slot if one is free.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
         let mut taken = self.taken.load(Ordering::Relaxed);
+        let max = self.max.load(Ordering::Relaxed);
         loop {
-            if taken >= self.max {
+            if taken >= max {
                 return None;
             }
             match self.taken.compare_exchange_weak(
@@ -62,7 +64,12 @@ impl Slots {
 
     /// Whether every slot is taken.
     pub fn full(&self) -> bool {
-        self.taken() >= self.max
+        self.taken() >= self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the cap (reload).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Slots taken now, over all workers.

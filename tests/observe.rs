@@ -234,7 +234,7 @@ fn the_endpoint_answers_404_and_400_and_survives_a_flood() {
         assert!(body.contains("xps_received_bytes_total"));
         thread::sleep(Duration::from_millis(100));
     }
-    drop(c);
+    let _ = c.shutdown(std::net::Shutdown::Both); // unblocks the writer
     let _ = flood.join();
 }
 
