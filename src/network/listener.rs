@@ -233,7 +233,10 @@ mod tests {
             let at = resolve(&addr).unwrap();
             let listener = match bind(&addr, at, false) {
                 Ok(l) => l,
-                Err(_) if at.is_ipv6() => continue, // no IPv6 on this machine
+                Err(e) if at.is_ipv6() => {
+                    eprintln!("SKIPPED the IPv6 half: cannot bind [::1]:0 ({e})");
+                    continue;
+                }
                 Err(e) => panic!("{e}"),
             };
             let local = listener.local_addr().unwrap();
