@@ -19,8 +19,10 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -47,6 +49,9 @@ IDLE_CONNS = env_num("IDLE_CONNS", 2000 if QUICK else 10000, int)
 IDLE_HOLD = env_num("IDLE_HOLD", 1.0 if QUICK else 3.0)
 OUT = os.environ.get("OUT") or os.path.join(HERE, "results")
 ONLY = [c for c in os.environ.get("CASES", "").split(",") if c]
+# OBSERVE=1 runs only the observability comparison (OBSERVED below): xps with
+# --metrics and --access-log against plain xps, instead of the peer matrix.
+OBSERVE = os.environ.get("OBSERVE") == "1"
 # NICE=-10 runs servers and load generator at a higher priority, so that other
 # load on a shared machine disturbs the measurement less (needs root).
 NICE = env_num("NICE", 0, int)
@@ -104,6 +109,19 @@ SCALING_SERVERS = {
     "xps-w2": {"cmd": SERVERS["xps"]["cmd"] + ["--workers", "2"], "verify": "reverse"},
 }
 
+# Observability on vs off: the same pinned cases, xps against xps with
+# --metrics 127.0.0.1:0 and --access-log FILE (a fresh file per process, see
+# run_one). "base" is the main case it copies; CASES accepts either name.
+OBSERVED = [dict(c, name="obs-" + c["name"], base=c["name"],
+                 title="observability: " + c["title"])
+            for c in CASES if c["name"] in ("lines-c64-p16", "churn-c16")]
+OBSERVED_SERVERS = {
+    "xps": SERVERS["xps"],
+    "xps-observed": {"cmd": SERVERS["xps"]["cmd"] + ["--metrics", "127.0.0.1:0"],
+                     "verify": "reverse", "access_log": True},
+}
+ACCESS_DIR = None  # a temporary directory, made by main() when needed
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -123,6 +141,7 @@ class Server:
         self.pid = self.p.pid
         self.log = []
         self.port = None
+        self.metrics = None  # "127.0.0.1:PORT" when the server logged one
         self.ready = threading.Event()
         self.t = threading.Thread(target=self._drain, daemon=True)
         self.t.start()
@@ -133,6 +152,9 @@ class Server:
     def _drain(self):
         for line in self.p.stderr:
             self.log.append(line)
+            # "metrics on http://HOST:PORT/metrics" comes before the listeners.
+            if self.metrics is None and "metrics on http://" in line:
+                self.metrics = line.split("metrics on http://", 1)[1].split("/", 1)[0]
             if self.port is None and "listening on port" in line:
                 try:
                     self.port = int(line.split("listening on port", 1)[1].split()[0])
@@ -176,8 +198,37 @@ def loadavg():
         return float(f.read().split()[0])
 
 
+def scrape_lines(addr):
+    """xps_lines_total from a server's /metrics, or None."""
+    try:
+        with urllib.request.urlopen("http://%s/metrics" % addr, timeout=5) as r:
+            for line in r.read().decode(errors="replace").splitlines():
+                if line.startswith("xps_lines_total "):
+                    return int(float(line.split()[1]))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def count_lines(path):
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
 def run_one(case, server_name, spec, rnd, pin):
-    srv = Server(server_name, spec["cmd"], SERVER_CPU if pin else None)
+    cmd = list(spec["cmd"])
+    access_log = None
+    if spec.get("access_log"):
+        # A fresh, empty file for every process: the log's size does not grow
+        # from round to round.
+        access_log = os.path.join(ACCESS_DIR, "%s-%d.log" % (case["name"], rnd))
+        if os.path.exists(access_log):
+            os.remove(access_log)
+        cmd += ["--access-log", access_log]
+    srv = Server(server_name, cmd, SERVER_CPU if pin else None)
     time.sleep(0.2)
     args = case["args"] + ["--addr", "127.0.0.1:%d" % srv.port, "--verify", spec["verify"],
                            "--server-pid", str(srv.pid)]
@@ -205,7 +256,15 @@ def run_one(case, server_name, spec, rnd, pin):
     wall = time.monotonic() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     s1, (m1, st1) = proc_cpu_ticks(srv.pid), machine_ticks()
+    metrics_lines = scrape_lines(srv.metrics) if srv.metrics else None
     server_rc = srv.stop()
+    access_log_records = None
+    if access_log:
+        access_log_records = count_lines(access_log)
+        try:
+            os.remove(access_log)
+        except OSError:
+            pass
     client_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     server_cpu_all = (s1 - s0) / HZ if s0 is not None and s1 is not None else None
     other = None
@@ -223,7 +282,7 @@ def run_one(case, server_name, spec, rnd, pin):
         "case": case["name"], "server": server_name, "round": rnd, "pinned": pin,
         "cmd": " ".join(os.path.basename(a) if a == BENCH else a for a in cmd),
         "server_cmd": " ".join(os.path.basename(spec["cmd"][0]) if i == 0 else a
-                               for i, a in enumerate(spec["cmd"])),
+                               for i, a in enumerate(cmd)),
         "exit_code": rc, "server_exit_code": server_rc, "wall_s": round(wall, 3),
         "loadavg_before": la, "client_cpu_s": round(client_cpu, 3),
         "server_cpu_whole_run_s": server_cpu_all,
@@ -233,6 +292,11 @@ def run_one(case, server_name, spec, rnd, pin):
         "stderr": err.strip().splitlines()[-5:] if err.strip() else [],
         "server_log_tail": [line.rstrip() for line in srv.log[-3:]],
     }
+    if srv.metrics:
+        # Sanity: the counters moved (whole run, warm-up included).
+        run["metrics_lines_total"] = metrics_lines
+    if access_log:
+        run["access_log_records"] = access_log_records
     run["derived"] = report.derive(case, j) if j else None
     ok = rc == 0 and j is not None
     m = run["derived"]["main"] if run["derived"] else None
@@ -274,22 +338,28 @@ def machine_info():
 
 
 def main():
+    global ACCESS_DIR
     for b in [BENCH] + [s["cmd"][0] for s in SERVERS.values()]:
         if not os.access(b, os.X_OK):
             sys.exit("compare.py: %s missing; run bench/compare.sh (it builds first)" % b)
     os.makedirs(OUT, exist_ok=True)
+    if OBSERVE:
+        ACCESS_DIR = tempfile.mkdtemp(prefix="xps-bench-access-")
     info = machine_info()
     config = {"quick": QUICK, "rounds": ROUNDS, "idle_rounds": IDLE_ROUNDS, "duration_s": DURATION, "warmup_s": WARMUP,
-              "idle_conns": IDLE_CONNS, "idle_hold_s": IDLE_HOLD, "nice": NICE,
+              "idle_conns": IDLE_CONNS, "idle_hold_s": IDLE_HOLD, "nice": NICE, "observe": OBSERVE,
               "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU}
     log("== machine: %s" % json.dumps(info))
     log("== config: %s" % json.dumps(config))
     runs = []
     t_start = time.monotonic()
-    plan = [(c, SERVERS, PEERS, True) for c in CASES] + \
-           [(c, SCALING_SERVERS, list(SCALING_SERVERS), False) for c in SCALING]
+    if OBSERVE:
+        plan = [(c, OBSERVED_SERVERS, list(OBSERVED_SERVERS), True) for c in OBSERVED]
+    else:
+        plan = [(c, SERVERS, PEERS, True) for c in CASES] + \
+               [(c, SCALING_SERVERS, list(SCALING_SERVERS), False) for c in SCALING]
     for case, servers, order, pin in plan:
-        if ONLY and case["name"] not in ONLY:
+        if ONLY and case["name"] not in ONLY and case.get("base") not in ONLY:
             continue
         log("== %s" % case["title"])
         for rnd in range(case.get("rounds", ROUNDS)):
@@ -302,10 +372,16 @@ def main():
                     runs.append({"case": case["name"], "server": name, "round": rnd,
                                  "pinned": pin, "exit_code": None, "error": str(e),
                                  "result": None, "derived": None})
+    if ACCESS_DIR:
+        try:
+            os.rmdir(ACCESS_DIR)
+        except OSError:
+            pass
     info["loadavg_end"] = loadavg()
     info["total_s"] = round(time.monotonic() - t_start, 1)
     doc = {"machine": info, "config": config,
-           "cases": [{k: v for k, v in c.items()} for c in CASES + SCALING],
+           "cases": [{k: v for k, v in c.items()}
+                     for c in (OBSERVED if OBSERVE else CASES + SCALING)],
            "runs": runs}
     path = os.path.join(OUT, "results.json")
     with open(path, "w") as f:

@@ -10,6 +10,15 @@
 # OUT (results directory), CASES (comma list of case names to run),
 # NICE (e.g. -10: run servers and load generator at higher priority, for a
 # shared machine; needs root).
+#
+#   OBSERVE=1 CASES=lines-c64-p16,churn-c16 OUT=/tmp/bench-observe bench/compare.sh
+#
+# OBSERVE=1 runs, instead of the peer matrix, plain xps against
+# "xps-observed" (xps --metrics 127.0.0.1:0 --access-log FILE, a fresh file
+# per process) on lines-c64-p16 and churn-c16 (CASES narrows them), same
+# pinning and alternation; RESULTS.md gets an "Observability" section. Give
+# OUT so the committed bench/results/ stays as it is. For instruction counts
+# of the same comparison see bench/callgrind-observe.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -14,7 +14,7 @@ import sys
 from html import escape
 
 COLORS = {"xps": "#d9480f", "tokio-peer": "#1c7ed6", "c-echo": "#5c940d",
-          "xps-w1": "#f08c00", "xps-w2": "#c2255c"}
+          "xps-w1": "#f08c00", "xps-w2": "#c2255c", "xps-observed": "#7048e8"}
 
 
 def derive(case, j):
@@ -180,11 +180,13 @@ def write_md(doc, s, path):
              "figures alike. Ratios are xps divided by the peer: above 1 means xps has more of "
              "the metric (better for throughput, worse for CPU, latency and memory).\n")
 
-    main_cases = [c for c in doc["cases"] if not c["name"].startswith("scale-")]
+    main_cases = [c for c in doc["cases"] if not c["name"].startswith(("scale-", "obs-"))]
     peers = ["xps", "tokio-peer", "c-echo"]
-    L.append("## Summary (medians)\n")
-    L.append("| case | metric | xps | tokio-peer | c-echo | xps/tokio | xps/c-echo |")
-    L.append("|---|---|---:|---:|---:|---:|---:|")
+    main_cases = [c for c in main_cases if c["name"] in s]
+    if main_cases:
+        L.append("## Summary (medians)\n")
+        L.append("| case | metric | xps | tokio-peer | c-echo | xps/tokio | xps/c-echo |")
+        L.append("|---|---|---:|---:|---:|---:|---:|")
     for c in main_cases:
         if c["name"] not in s:
             continue
@@ -198,9 +200,9 @@ def write_md(doc, s, path):
             L.append("| %s | %s | %s | %s | %s | %s | %s |" % (
                 c["title"], label, *[fmt(v) for v in vals],
                 fmt(ratio(vals[0], vals[1])), fmt(ratio(vals[0], vals[2]))))
-    L.append("")
-
-    L.append("## Per case\n")
+    if main_cases:
+        L.append("")
+        L.append("## Per case\n")
     for c in main_cases:
         if c["name"] not in s:
             continue
@@ -247,6 +249,55 @@ def write_md(doc, s, path):
                                                          label, fmt(a), fmt(b), fmt(ratio(b, a))))
         L.append("")
 
+    obs = [c for c in doc["cases"] if c["name"].startswith("obs-") and c["name"] in s]
+    if obs:
+        L.append("## Observability: xps with --metrics and --access-log vs without\n")
+        L.append("`xps-observed` = `xps --metrics 127.0.0.1:0 --access-log FILE` (a fresh "
+                 "file per process); both pinned like the main cases and run in alternation. "
+                 "Ratios are observed / plain: above 1 means observing costs that much more "
+                 "CPU per operation.\n")
+        L.append("| case | metric | xps | xps-observed | observed/xps |")
+        L.append("|---|---|---:|---:|---:|")
+        for c in obs:
+            ss = s[c["name"]]
+            for key, label, _ in ROWS:
+                a, b = ss.get("xps", {}).get(key), ss.get("xps-observed", {}).get(key)
+                if a is None and b is None:
+                    continue
+                if key == "main":
+                    label = c["unit"]
+                label = label.format(per=c.get("per") or "op")
+                L.append("| %s | %s | %s | %s | %s |" % (c["title"].replace("observability: ", ""),
+                                                         label, fmt(a), fmt(b), fmt(ratio(b, a))))
+        L.append("")
+        L.append("Server CPU µs per operation (schedstat) round by round, and the "
+                 "observed/plain ratio of each round's pair:\n")
+        L.append("| case | server | per round | median |")
+        L.append("|---|---|---|---:|")
+        for c in obs:
+            for sv in ("xps", "xps-observed"):
+                vals = [(r["round"], (r.get("derived") or {}).get("cpu_us_per_op"))
+                        for r in doc["runs"] if r["case"] == c["name"] and r["server"] == sv]
+                L.append("| %s | %s | %s | %s |" % (
+                    c["title"].replace("observability: ", ""), sv,
+                    ", ".join(fmt(v) for _, v in sorted(vals)),
+                    fmt(s[c["name"]].get(sv, {}).get("cpu_us_per_op"))))
+            by = {}
+            for r in doc["runs"]:
+                if r["case"] == c["name"] and r.get("exit_code") == 0 and r.get("derived"):
+                    by.setdefault(r["round"], {})[r["server"]] = r["derived"].get("cpu_us_per_op")
+            pair = [ratio(v.get("xps-observed"), v.get("xps")) for _, v in sorted(by.items())]
+            L.append("| %s | observed/xps | %s | %s |" % (
+                c["title"].replace("observability: ", ""),
+                ", ".join(fmt(v) for v in pair), fmt(med(pair))))
+            recs = [(r.get("access_log_records"), r.get("metrics_lines_total")) for r in doc["runs"]
+                    if r["case"] == c["name"] and r["server"] == "xps-observed"]
+            if recs:
+                L.append("| %s | sanity per run: access-log records (after exit) / xps_lines_total (scraped before SIGTERM) | %s | |" % (
+                    c["title"].replace("observability: ", ""),
+                    ", ".join("%s / %s" % rc for rc in recs)))
+        L.append("")
+
     failed = [r for r in doc["runs"] if r.get("exit_code") != 0]
     L.append("## Run health\n")
     L.append("%d runs, %d failed (non-zero exit of the load generator: wrong reply, connection "
@@ -289,7 +340,12 @@ def write_svg(doc, s, path):
              'user time, lighter part = system time (kernel).</text>' % left)
     for i, c in enumerate(cases):
         ss = s[c["name"]]
-        servers = ["xps-w1", "xps-w2"] if c["name"].startswith("scale-") else ["xps", "tokio-peer", "c-echo"]
+        if c["name"].startswith("scale-"):
+            servers = ["xps-w1", "xps-w2"]
+        elif c["name"].startswith("obs-"):
+            servers = ["xps", "xps-observed"]
+        else:
+            servers = ["xps", "tokio-peer", "c-echo"]
         y_head = top + i * row_h
         o.append('<text x="%d" y="%d" font-size="13" font-weight="bold">%s</text>' % (
             left, y_head + 14, escape(c["title"])))

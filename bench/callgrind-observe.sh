@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Instructions per line and per connection of xps with --metrics and
+# --access-log on against off, counted by callgrind (instruction counts do not
+# depend on the machine's load, so a few percent can be seen on a shared VM).
+#
+#   bench/callgrind-observe.sh [OUTDIR]      # default /tmp/cg-observe
+#   MODES=churn REPS=5 SECS=4 bench/callgrind-observe.sh
+#
+# Variants: plain; metrics = --metrics 127.0.0.1:0 (to tell the two costs
+# apart); observed = --metrics 127.0.0.1:0 --access-log FILE. Loads: lines
+# C=64 P=16 N=64, churn C=16 N=64. Each variant runs REPS times (default 3)
+# per load under callgrind, for SECS seconds of load (default 4, no warm-up),
+# the order rotating, and
+#     Ir per op = (Ir(run) - Ir(idle)) / ops
+# with ops = the lines or connections the load generator reports and Ir(idle)
+# a run of the same variant with no load (start-up and shutdown, about 0.6 M).
+# Lines still in flight when the load generator stops (at most C*P = 1024, of
+# millions) are served but not counted. Ir counts every thread of the server
+# (worker, metrics listener, access-log writer); kernel work is not counted.
+# Each run leaves OUTDIR/cg.VARIANT.MODE.REP.out for callgrind_annotate.
+# Only loopback is targeted; only the servers started here are stopped, by PID.
+# Needs valgrind (apt-get install valgrind) and a release build
+# (cargo build --release -p xps -p xps-bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/cg-observe}
+REPS=${REPS:-3}
+SECS=${SECS:-4}
+MODES=${MODES:-lines churn}
+XPS=target/release/xps
+BENCH=target/release/xps-bench
+mkdir -p "$OUT"
+command -v valgrind >/dev/null || { echo "callgrind-observe.sh: valgrind is required" >&2; exit 1; }
+
+# run VARIANT MODE SECONDS REP: one server under callgrind, one load (or, for
+# MODE idle, none); appends "variant mode rep Ir ops" to $OUT/runs.txt.
+run() {
+    local variant=$1 mode=$2 secs=$3 tag="$1.$2.$4"
+    local extra=()
+    case $variant in
+    observed)
+        rm -f "$OUT/access.$tag.log"
+        extra=(--metrics 127.0.0.1:0 --access-log "$OUT/access.$tag.log") ;;
+    metrics) extra=(--metrics 127.0.0.1:0) ;;
+    esac
+    rm -f "$OUT/cg.$tag.out"
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$tag.out" \
+        --log-file="$OUT/vg.$tag.log" \
+        "$XPS" --listen 127.0.0.1:0 "${extra[@]}" 2>"$OUT/err.$tag.log" &
+    local pid=$! port=""
+    for _ in $(seq 1 300); do
+        port=$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$OUT/err.$tag.log" | head -n1)
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    [ -n "$port" ] || { kill -TERM "$pid"; echo "no port for $tag" >&2; exit 1; }
+    local args=(--conns 16 --size 64) key=connections ops=0
+    [ "$mode" = lines ] && { args=(--conns 64 --pipeline 16 --size 64); key=lines; }
+    if [ "$mode" = idle ]; then
+        sleep "$secs"
+    else
+        "$BENCH" "$mode" --addr "127.0.0.1:$port" "${args[@]}" --duration "$secs" --warmup 0 \
+            >"$OUT/bench.$tag.json"
+        ops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+            "$OUT/bench.$tag.json" "$key")
+    fi
+    kill -TERM "$pid"
+    wait "$pid" || true
+    local ir
+    ir=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
+    [ -n "$ir" ] || ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
+    echo "$variant $mode $4 $ir $ops" | tee -a "$OUT/runs.txt" >&2
+}
+
+: >"$OUT/runs.txt"
+for v in plain metrics observed; do run "$v" idle 2 0; done
+for mode in $MODES; do
+    for rep in $(seq 1 "$REPS"); do
+        # Rotate the order so that drift affects every variant alike.
+        case $((rep % 3)) in
+        1) order="plain metrics observed" ;;
+        2) order="metrics observed plain" ;;
+        *) order="observed plain metrics" ;;
+        esac
+        for v in $order; do run "$v" "$mode" "$SECS" "$rep"; done
+    done
+done
+
+python3 - "$OUT/runs.txt" <<'PY'
+import statistics
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+idle = {v: int(ir) for v, m, _, ir, _ in rows if m == "idle"}
+per = {}
+for v, m, _, ir, ops in rows:
+    if m != "idle":
+        per.setdefault((m, v), []).append((int(ir) - idle[v]) / int(ops))
+print("| load | variant | Ir per op, each run | median |")
+print("|---|---|---|---:|")
+modes = [m for m in ("lines", "churn") if (m, "plain") in per]
+for m in modes:
+    for v in ("plain", "metrics", "observed"):
+        vals = per[(m, v)]
+        print("| %s | %s | %s | %.1f per %s |" % (m, v, ", ".join("%.1f" % x for x in vals),
+              statistics.median(vals), "line" if m == "lines" else "connection"))
+for m in modes:
+    p = statistics.median(per[(m, "plain")])
+    for v in ("metrics", "observed"):
+        q = statistics.median(per[(m, v)])
+        print("%s: %s / plain = %.4f (%+.1f %%, %+.1f Ir per op)" % (m, v, q / p, 100 * (q / p - 1), q - p))
+print("idle (start-up + shutdown) Ir: %s" % idle)
+PY
