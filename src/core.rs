@@ -282,6 +282,9 @@ pub struct Core {
     control: Option<std::sync::mpsc::Receiver<CoreMsg>>,
     /// What moved this turn, added to the metrics once per turn.
     tally: Totals,
+    /// Access-log records of connections that ended this turn, sent to the
+    /// writer once per turn.
+    ended: Vec<Record>,
 }
 
 impl Core {
@@ -317,6 +320,7 @@ impl Core {
             observers,
             control,
             tally: Totals::default(),
+            ended: Vec::new(),
         };
         for listener in listeners {
             core.listener_attach(listener)?;
@@ -528,8 +532,7 @@ impl Core {
             entry.peer,
             reason
         );
-        self.observe_close(&entry, reason);
-        drop(entry);
+        self.observe_close(entry, reason); // drops it: socket and slot go
         // A freed descriptor or slot may let a paused listener accept again.
         for (_, ls) in &mut self.listeners {
             ls.listener.paused_until = None;
@@ -542,16 +545,16 @@ impl Core {
     }
 
     /// Reports an ended connection to the metrics and the access log.
-    fn observe_close(&mut self, entry: &Entry, reason: &CloseReason) {
+    fn observe_close(&mut self, entry: Entry, reason: &CloseReason) {
         let kind = Closed::from(reason);
         if let Some((_, m)) = &self.observers.metrics {
             m.closed(kind);
         }
-        if let Some(log) = &self.observers.access_log {
+        if self.observers.access_log.is_some() {
             let totals = entry.conn.totals;
-            log.log(&Record {
+            self.ended.push(Record {
                 time: std::time::SystemTime::now(),
-                listener: entry.listener.clone(),
+                listener: entry.listener,
                 client: entry.peer,
                 proxy: None,
                 worker: self.observers.worker,
@@ -564,9 +567,13 @@ impl Core {
         }
     }
 
-    /// Adds what moved this turn to the metrics: one update per turn, not
-    /// per line or per read.
+    /// Adds what moved this turn to the metrics (one update per turn, not
+    /// per line or per read) and hands this turn's access-log records to
+    /// the writer in one message.
     fn flush_tally(&mut self) {
+        if let Some(log) = &self.observers.access_log {
+            log.log_batch(&mut self.ended);
+        }
         let t = std::mem::take(&mut self.tally);
         if let Some((_, m)) = &self.observers.metrics {
             if t.received > 0 {

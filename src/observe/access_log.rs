@@ -94,6 +94,10 @@ pub const DEFAULT_CAPACITY: usize = 8192;
 /// buffer.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// While it holds unflushed lines, the writer looks at its queue this often
+/// (instead of being woken by every send).
+const BATCH_WINDOW: Duration = Duration::from_millis(50);
+
 /// Size of the writer's buffer: one `write(2)` per this many bytes at most.
 const BUFFER_BYTES: usize = 64 * 1024;
 
@@ -132,46 +136,108 @@ pub struct Record {
 /// Appends `r` as one JSON object and a `\n` to `out`. Pure; the field order
 /// is fixed (SPEC §5).
 pub fn format_record(r: &Record, out: &mut String) {
+    format_record_cached(r, out, &mut TimeText::default());
+}
+
+/// The text of the last second formatted, `YYYY-MM-DDTHH:MM:SS.` (20
+/// bytes): records written in the same second reuse it and only write
+/// their milliseconds.
+#[derive(Debug, Default)]
+struct TimeText {
+    /// The second since the epoch that `text` shows, if any yet.
+    secs: Option<i64>,
+    /// Its text.
+    text: [u8; 24],
+}
+
+/// [`format_record`] with the date text of the last second kept in `cache`.
+fn format_record_cached(r: &Record, out: &mut String, cache: &mut TimeText) {
+    // Numbers and addresses are written digit by digit (itoa), not through
+    // `core::fmt`: formatting was most of the cost of a record.
     out.push_str("{\"time\":\"");
-    rfc3339_millis(r.time, out);
+    rfc3339_cached(r.time, out, cache);
     out.push_str("\",\"listener\":\"");
     json_escape(&r.listener, out);
     // A SocketAddr prints only hex digits, `.`, `:`, `[`, `]` and `%`: no
     // escaping needed.
-    let _ = write!(out, "\",\"client\":\"{}\"", r.client);
+    out.push_str("\",\"client\":\"");
+    push_addr(r.client, out);
+    out.push('"');
     if let Some(proxy) = r.proxy {
-        let _ = write!(out, ",\"proxy\":\"{proxy}\"");
+        out.push_str(",\"proxy\":\"");
+        push_addr(proxy, out);
+        out.push('"');
     }
-    let _ = write!(out, ",\"worker\":{},\"duration_ms\":", r.worker);
+    out.push_str(",\"worker\":");
+    push_u64(r.worker as u64, out);
+    out.push_str(",\"duration_ms\":");
     duration_ms(r.duration, out);
-    let _ = write!(
-        out,
-        ",\"received\":{},\"sent\":{},\"lines\":{},\"end\":\"",
-        r.received, r.sent, r.lines
-    );
+    out.push_str(",\"received\":");
+    push_u64(r.received, out);
+    out.push_str(",\"sent\":");
+    push_u64(r.sent, out);
+    out.push_str(",\"lines\":");
+    push_u64(r.lines, out);
+    out.push_str(",\"end\":\"");
     json_escape(r.end, out);
     out.push_str("\"}\n");
+}
+
+/// `n` in decimal.
+fn push_u64(n: u64, out: &mut String) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `n` in decimal, zero-padded to `width` (at most 4) digits.
+fn push_padded(n: u64, width: usize, out: &mut String) {
+    let mut digits = [b'0'; 4];
+    put_padded(n, &mut digits[..width]);
+    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or("0"));
+}
+
+/// A socket address as `SocketAddr` displays it; IPv4 without `core::fmt`.
+fn push_addr(a: SocketAddr, out: &mut String) {
+    match a {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(u64::from(*octet), out);
+            }
+            out.push(':');
+            push_u64(u64::from(v4.port()), out);
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
+        }
+    }
 }
 
 /// Milliseconds with microsecond resolution: at least one decimal, trailing
 /// zeros of the fraction removed (`12.5`, `0.042`, `3.0`).
 fn duration_ms(d: Duration, out: &mut String) {
     let micros = d.as_micros();
-    let _ = write!(out, "{}.", micros / 1000);
-    let frac = (micros % 1000) as u32;
+    out.push_str(itoa::Buffer::new().format(micros / 1000));
+    out.push('.');
+    let frac = (micros % 1000) as u64;
     let (digits, width) = match frac {
         0 => (0, 1),
         f if f % 100 == 0 => (f / 100, 1),
         f if f % 10 == 0 => (f / 10, 2),
         f => (f, 3),
     };
-    let _ = write!(out, "{digits:0width$}");
+    push_padded(digits, width, out);
 }
 
 /// Appends `s` as the inside of a JSON string: `"` and `\` escaped, control
 /// characters as `\n`, `\r`, `\t`, `\b`, `\f` or `\u00XX`; everything else
 /// (including non-ASCII, already valid UTF-8) as is (RFC 8259 §7).
 fn json_escape(s: &str, out: &mut String) {
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s); // the common case: nothing to escape
+        return;
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
         let esc = match b {
@@ -202,6 +268,10 @@ fn json_escape(s: &str, out: &mut String) {
 /// (floored, also before 1970); instants outside years 0000–9999, which RFC
 /// 3339 cannot write, are clamped to its first or last millisecond.
 pub fn rfc3339_millis(t: SystemTime, out: &mut String) {
+    rfc3339_cached(t, out, &mut TimeText::default());
+}
+
+fn rfc3339_cached(t: SystemTime, out: &mut String, cache: &mut TimeText) {
     // Milliseconds since the epoch, floored.
     let ms: i128 = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_millis()).min(i128::MAX as u128) as i128,
@@ -216,16 +286,37 @@ pub fn rfc3339_millis(t: SystemTime, out: &mut String) {
     let ms = ms.clamp(MIN_MS, MAX_MS) as i64;
     let secs = ms.div_euclid(1000);
     let milli = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{milli:03}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
-    );
+    if cache.secs != Some(secs) {
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400);
+        let (y, m, d) = civil_from_days(days);
+        let mut at = 0;
+        for (value, width, after) in [
+            (y as u64, 4, b'-'),
+            (u64::from(m), 2, b'-'),
+            (u64::from(d), 2, b'T'),
+            ((sod / 3600) as u64, 2, b':'),
+            ((sod % 3600 / 60) as u64, 2, b':'),
+            ((sod % 60) as u64, 2, b'.'),
+        ] {
+            put_padded(value, &mut cache.text[at..at + width]);
+            cache.text[at + width] = after;
+            at += width + 1;
+        }
+        cache.secs = Some(secs);
+    }
+    put_padded(milli as u64, &mut cache.text[20..23]);
+    cache.text[23] = b'Z';
+    // Only ASCII digits and separators were written.
+    out.push_str(std::str::from_utf8(&cache.text).unwrap_or("0000-00-00T00:00:00.000Z"));
+}
+
+/// `n` in decimal, zero-padded to fill `dst`.
+fn put_padded(mut n: u64, dst: &mut [u8]) {
+    for d in dst.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
 }
 
 /// Days since 1970-01-01 → (year, month 1–12, day 1–31) in the proleptic
@@ -248,6 +339,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 enum Msg {
     /// A formatted line, `\n` included.
     Line(String),
+    /// Records of one worker's loop turn, formatted by the writer (so the
+    /// worker spends nothing on formatting), counted in `Pending::records`.
+    Batch(Vec<Record>),
     /// Flush, reopen the current path (`None`) or open a new one.
     Reopen(Option<PathBuf>),
     /// Nothing: look at the out-of-band reopen flag.
@@ -266,6 +360,11 @@ struct Pending {
     flag: AtomicBool,
     /// The new path of a `reopen_at`; `None` for a plain reopen.
     path: Mutex<Option<PathBuf>>,
+    /// Records queued in batches and not yet written: with `capacity`, the
+    /// bound on what batches may hold (a write per batch, not per record).
+    records: std::sync::atomic::AtomicUsize,
+    /// The queue's capacity in lines.
+    capacity: usize,
 }
 
 /// The handle workers log through: cheap to clone (one `Arc` and a channel
@@ -292,6 +391,24 @@ impl AccessLog {
         format_record(r, &mut line);
         if self.tx.try_send(Msg::Line(line)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues every record of `batch` (leaving it empty, its capacity kept)
+    /// in one message: a worker sends what ended in one loop turn at once,
+    /// and the writer thread formats it, so ending a connection costs the
+    /// worker a push onto a vector. If the queue already holds its capacity
+    /// of records, the whole batch is dropped and counted. Never blocks.
+    pub fn log_batch(&self, batch: &mut Vec<Record>) {
+        if batch.is_empty() {
+            return;
+        }
+        let n = batch.len();
+        let queued = self.pending.records.fetch_add(n, Ordering::Relaxed);
+        let records = std::mem::replace(batch, Vec::with_capacity(batch.capacity()));
+        if queued + n > self.pending.capacity || self.tx.try_send(Msg::Batch(records)).is_err() {
+            self.pending.records.fetch_sub(n, Ordering::Relaxed);
+            self.dropped.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -384,6 +501,8 @@ pub fn open_with_capacity(
     let pending = Arc::new(Pending {
         flag: AtomicBool::new(false),
         path: Mutex::new(None),
+        records: std::sync::atomic::AtomicUsize::new(0),
+        capacity: capacity.max(1),
     });
     let mut writer = Writer {
         sink,
@@ -392,6 +511,7 @@ pub fn open_with_capacity(
         dropped: Arc::clone(&dropped),
         dirty_since: None,
         write_failing: false,
+        time: TimeText::default(),
     };
     let thread = std::thread::Builder::new()
         .name("xps-access-log".into())
@@ -452,17 +572,28 @@ struct Writer {
     dirty_since: Option<Instant>,
     /// A write or flush failed and was logged; log again only after a success.
     write_failing: bool,
+    /// The date text of the last second written.
+    time: TimeText,
 }
 
 impl Writer {
     fn run(&mut self) {
         loop {
             // Idle with nothing buffered: sleep until a message, no timer.
+            // With lines buffered, poll every BATCH_WINDOW instead of waiting
+            // on the channel: a sender only wakes a receiver that waits, so
+            // under load the workers' sends cost no futex wake-up and the
+            // writer wakes at most 1 / BATCH_WINDOW times a second.
             let msg = match self.dirty_since {
                 None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(t) => self
-                    .rx
-                    .recv_timeout((t + FLUSH_INTERVAL).saturating_duration_since(Instant::now())),
+                Some(_) => match self.rx.try_recv() {
+                    Ok(msg) => Ok(msg),
+                    Err(mpsc::TryRecvError::Disconnected) => Err(RecvTimeoutError::Disconnected),
+                    Err(mpsc::TryRecvError::Empty) => {
+                        std::thread::sleep(BATCH_WINDOW);
+                        Err(RecvTimeoutError::Timeout)
+                    }
+                },
             };
             if self.pending.flag.swap(false, Ordering::SeqCst) {
                 let path = self
@@ -475,6 +606,16 @@ impl Writer {
             }
             match msg {
                 Ok(Msg::Line(line)) => self.write_line(line.as_bytes()),
+                Ok(Msg::Batch(records)) => {
+                    let mut line = String::with_capacity(256 * records.len());
+                    for r in &records {
+                        format_record_cached(r, &mut line, &mut self.time);
+                    }
+                    self.write_lines(line.as_bytes(), records.len());
+                    self.pending
+                        .records
+                        .fetch_sub(records.len(), Ordering::Relaxed);
+                }
                 Ok(Msg::Reopen(path)) => self.reopen(path),
                 Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
@@ -497,12 +638,18 @@ impl Writer {
     }
 
     fn write_line(&mut self, line: &[u8]) {
-        match self.sink.out.write_all(line) {
+        self.write_lines(line, 1);
+    }
+
+    /// Writes `count` formatted lines at once; if that fails they count as
+    /// dropped.
+    fn write_lines(&mut self, lines: &[u8], count: usize) {
+        match self.sink.out.write_all(lines) {
             Ok(()) => {
                 self.dirty_since.get_or_insert_with(Instant::now);
             }
             Err(e) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.fetch_add(count as u64, Ordering::Relaxed);
                 self.failed("write to", &e);
             }
         }
@@ -557,6 +704,55 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_written_in_order_and_bounded_in_records() {
+        let dir = std::env::temp_dir().join(format!("xps-alog-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("b.log");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (log, writer) = open_with_capacity(&path, 3, dropped.clone()).unwrap();
+        let rec = |lines| Record {
+            time: UNIX_EPOCH,
+            listener: "l".into(),
+            client: "127.0.0.1:1".parse().unwrap(),
+            proxy: None,
+            worker: 0,
+            duration: Duration::ZERO,
+            received: 0,
+            sent: 0,
+            lines,
+            end: "finished",
+        };
+        let mut batch = vec![rec(1), rec(2)];
+        log.log_batch(&mut batch);
+        assert!(batch.is_empty());
+        // 2 queued (or written already) + 2 more may exceed the capacity of
+        // 3 records: then the whole batch is dropped and counted.
+        let mut more = vec![rec(3), rec(4)];
+        log.log_batch(&mut more);
+        writer.close();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let written: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                l.split("\"lines\":")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let lost = dropped.load(Ordering::Relaxed);
+        assert!(
+            written == [1, 2] && lost == 2 || written == [1, 2, 3, 4] && lost == 0,
+            "{written:?} {lost}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     fn at(ms: u64) -> SystemTime {
@@ -672,6 +868,25 @@ mod tests {
         let mut s = String::new();
         duration_ms(Duration::MAX, &mut s); // no panic, no overflow
         assert!(s.starts_with("18446744073709551615"), "{s}");
+    }
+
+    #[test]
+    fn the_cached_date_text_equals_a_fresh_one() {
+        let mut cache = TimeText::default();
+        for ms in [
+            1_796_160_600_123u64,
+            1_796_160_600_999,
+            1_796_160_601_000,
+            1_796_160_600_001, // back in time
+            1_796_247_000_000, // a day later
+            0,
+        ] {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            let (mut cached, mut fresh) = (String::new(), String::new());
+            rfc3339_cached(t, &mut cached, &mut cache);
+            rfc3339_millis(t, &mut fresh);
+            assert_eq!(cached, fresh, "{ms}");
+        }
     }
 
     #[test]
