@@ -7,14 +7,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use xps::config::{Cli, Settings};
 use xps::server::{self, ServerError};
 use xps::utils::logger::{self, Level};
 use xps::xps_log;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_ordered(std::env::args_os()) {
         Ok(cli) => cli,
         // --help and --version print and exit 0; bad options exit 2.
         Err(e) => e.exit(),

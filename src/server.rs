@@ -108,6 +108,8 @@ fn adopt_listeners(
         let addr = ListenAddr {
             host: at.ip().to_string(),
             port: at.port(),
+            // systemd's sockets carry no PROXY flag (see docs/load-balancing.md).
+            proxy: false,
         };
         for list in per_worker.iter_mut() {
             let copy = socket.try_clone().map_err(|e| {
