@@ -28,9 +28,10 @@ use mio::Waker;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use crate::admission::{AccessRules, Action, BufferBudget, Rule, Scope, SourceLimits};
 use crate::config::{ListenAddr, Settings};
 use crate::control::systemd::{self, Notifier};
-use crate::core::{Core, Limits, Observers, Shared, Target, Timeouts};
+use crate::core::{Admission, Core, Limits, Observers, Shared, Target, Timeouts};
 use crate::event_loop::EventLoop;
 use crate::network::listener::{self, ListenError, Listener};
 use crate::observe::access_log::{self, AccessLog, AccessLogWriter};
@@ -167,6 +168,28 @@ fn open_observers(
     Ok((metrics, log))
 }
 
+/// SPEC §6's admission from the settings, shared by every worker.
+pub fn admission(settings: &Settings) -> Admission {
+    // `--proxy-from A --proxy-from B` = allow A, allow B, deny all.
+    let proxy_from = (!settings.proxy_from.is_empty()).then(|| {
+        let allow = settings.proxy_from.iter().map(|&scope| Rule {
+            action: Action::Allow,
+            scope,
+        });
+        let deny_rest = std::iter::once(Rule {
+            action: Action::Deny,
+            scope: Scope::All,
+        });
+        Arc::new(AccessRules::new(allow.chain(deny_rest).collect()))
+    });
+    Admission {
+        rules: Arc::new(settings.access.clone()),
+        proxy_from,
+        sources: SourceLimits::new(settings.max_connections_per_source),
+        budget: BufferBudget::new(settings.max_buffered, settings.workers),
+    }
+}
+
 /// Stops every worker: sets the shared stop flag and wakes each loop.
 #[derive(Clone)]
 struct Stopper {
@@ -232,6 +255,7 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
             line: settings.line_timeout,
         },
     };
+    let admission = admission(settings);
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
     for (worker, listeners) in open.per_worker.into_iter().enumerate() {
@@ -250,6 +274,7 @@ pub fn run(settings: &Settings) -> Result<(), ServerError> {
         );
         let handle = event_loop.handle().map_err(|e| fatal("epoll dup", e))?;
         let core = Core::new(handle, listeners, limits, shared.clone(), observers)
+            .and_then(|core| core.with_admission(admission.clone()))
             .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
