@@ -723,7 +723,7 @@ fn bounded_flood(limit: usize, n: usize, per: usize) {
             }
         });
         turns += 1;
-        if turns % 64 == 0 {
+        if turns.is_multiple_of(64) {
             max_rss = max_rss.max(f.server.rss_kib());
         }
         if moved == 0 {
