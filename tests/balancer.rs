@@ -506,7 +506,9 @@ impl Flooder {
     fn new(port: u16, i: usize) -> Flooder {
         let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         sock.set_tcp_mss(8192).unwrap();
-        sock.set_recv_buffer_size(4096).unwrap();
+        // A window of at least one MSS: a smaller one stalls the server's
+        // sender on zero-window probes with exponential backoff.
+        sock.set_recv_buffer_size(16 * 1024).unwrap();
         sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
             .unwrap();
         sock.set_nonblocking(true).unwrap();
@@ -585,6 +587,8 @@ struct Flood {
 /// each send up to `per_conn` bytes without reading until the server stops
 /// taking them, while a well-behaved client sends a line every 50 ms.
 fn flood(limit: usize, n: usize, per_conn: usize) -> Flood {
+    // One flood at a time: two at once share the CPUs and the test's RSS
+    // readings, and the "no progress for 500 ms" end of the flood.
     let fds = raise_nofile();
     assert!(
         fds as usize > 2 * n + 100,
@@ -642,8 +646,12 @@ fn flood(limit: usize, n: usize, per_conn: usize) -> Flood {
     }
 }
 
+/// The flood tests run one at a time.
+static FLOODS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_thousand_flooders_stay_under_max_buffered_and_all_get_their_replies() {
+    let _one = FLOODS.lock().unwrap_or_else(|e| e.into_inner());
     bounded_flood(64 << 20, 1000, 2 << 20);
 }
 
@@ -740,6 +748,7 @@ fn bounded_flood(limit: usize, n: usize, per: usize) {
 #[test]
 fn the_same_flood_exceeds_the_bound_with_max_buffered_0() {
     const LIMIT: usize = 64 << 20;
+    let _one = FLOODS.lock().unwrap_or_else(|e| e.into_inner());
     let f = flood(0, 1000, 2 << 20);
     eprintln!(
         "unbounded flood: max RSS {} MiB (the bound would be {} MiB)",
