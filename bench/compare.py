@@ -88,6 +88,13 @@ CASES = [
     {"name": "churn-c16", "title": "churn C=16 N=64",
      "args": ["churn", "--conns", "16", "--size", "64"],
      "metric": "conns_per_s", "unit": "conn/s", "per": "conn"},
+    # The same churn behind PROXY v2: xps on a --listen-proxy listener, one
+    # header per connection (the peers do not speak PROXY: xps only).
+    {"name": "churn-proxy", "title": "churn C=16 N=64, PROXY v2 header per connection",
+     "args": ["churn", "--conns", "16", "--size", "64", "--proxy-v2"],
+     "metric": "conns_per_s", "unit": "conn/s", "per": "conn",
+     "servers": {"xps": {"cmd": [os.path.join(REL, "xps"), "--listen-proxy", "127.0.0.1:0"],
+                         "verify": "reverse"}}},
     {"name": "idle-c%d" % IDLE_CONNS, "title": "idle C=%d" % IDLE_CONNS,
      "args": ["idle", "--conns", str(IDLE_CONNS), "--hold", str(IDLE_HOLD), "--size", "64"],
      "metric": "rss_per_conn_bytes", "unit": "B/conn (RSS)", "per": None, "lower_is_better": True,
@@ -356,7 +363,7 @@ def main():
     if OBSERVE:
         plan = [(c, OBSERVED_SERVERS, list(OBSERVED_SERVERS), True) for c in OBSERVED]
     else:
-        plan = [(c, SERVERS, PEERS, True) for c in CASES] + \
+        plan = [(c, c.get("servers", SERVERS), list(c.get("servers", PEERS)), True) for c in CASES] + \
                [(c, SCALING_SERVERS, list(SCALING_SERVERS), False) for c in SCALING]
     for case, servers, order, pin in plan:
         if ONLY and case["name"] not in ONLY and case.get("base") not in ONLY:

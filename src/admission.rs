@@ -597,6 +597,86 @@ impl BufferBudget {
     }
 }
 
+impl BufferBudget {
+    /// Worker `worker`'s view for one loop turn: the other workers'
+    /// published totals and the rule, with `open_connections` open over the
+    /// server. Unlike [`gate`](Self::gate), the view leaves out the worker's
+    /// own slot: the worker adds its own exact, live total at every pass
+    /// ([`BudgetView::allowance`]), so its own reads are never one turn
+    /// stale — only the other workers' growth during the turn is unseen.
+    pub fn view(&self, worker: usize, open_connections: usize) -> BudgetView {
+        let limit = self.limit();
+        if limit == 0 {
+            return BudgetView::OFF;
+        }
+        let own = self
+            .slots
+            .get(worker)
+            .map_or(0, |s| s.0.load(Ordering::Relaxed));
+        BudgetView {
+            limit,
+            others: self.total().saturating_sub(own),
+            share: share(limit, open_connections),
+            workers: self.slots.len().max(1),
+        }
+    }
+}
+
+/// One worker's budget for a loop turn (see [`BufferBudget::view`]): plain
+/// numbers, so asking it per read pass costs no atomics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetView {
+    /// `--max-buffered`; 0 = off.
+    limit: usize,
+    /// What the other workers published at the start of the turn.
+    others: usize,
+    /// Each connection's share while rationing ("The rule").
+    share: usize,
+    /// Workers sharing the budget: each may take this fraction of the room
+    /// left under the pause mark in one pass, since none sees the others'
+    /// growth until they publish.
+    workers: usize,
+}
+
+impl BudgetView {
+    /// No bound: every allowance is unlimited.
+    pub const OFF: BudgetView = BudgetView {
+        limit: 0,
+        others: 0,
+        share: 0,
+        workers: 1,
+    };
+
+    /// How many bytes a connection holding `held` may read in this pass,
+    /// when this worker holds `own` bytes in all (exactly, now): up to its
+    /// share whatever the total (a well-behaved client is never paused),
+    /// and beyond it only while the total stays under the pause mark (a
+    /// worker's part of the room left there). 0 means "not now": the core
+    /// looks again when the total or the connection's holding falls.
+    /// `usize::MAX` when the budget is off.
+    ///
+    /// Capping each `recv()` at this makes `C = 0` and the exact own total
+    /// removes this worker's `G` from "The bound": the total stays under
+    /// `L + n · MIN_SHARE`, plus what the other workers read in one turn.
+    pub fn allowance(&self, own: usize, held: usize) -> usize {
+        if self.limit == 0 {
+            return usize::MAX;
+        }
+        let total = self.others.saturating_add(own);
+        let mark = pause_mark(self.limit);
+        let by_share = self.share.saturating_sub(held);
+        match mark.checked_sub(total) {
+            Some(room) if room > 0 => (room / self.workers).max(by_share),
+            _ => by_share,
+        }
+    }
+
+    /// Whether the budget is off.
+    pub fn is_off(&self) -> bool {
+        self.limit == 0
+    }
+}
+
 /// `limit − limit/4`.
 fn pause_mark(limit: usize) -> usize {
     limit - limit / 4
@@ -661,6 +741,57 @@ mod tests {
 
     fn net(s: &str) -> Scope {
         Scope::Net(s.parse().unwrap())
+    }
+
+    // --- BudgetView -----------------------------------------------------------
+
+    #[test]
+    fn a_view_is_unlimited_when_off() {
+        let b = BufferBudget::new(0, 2);
+        b.publish(1, 1 << 40);
+        let v = b.view(0, 10);
+        assert!(v.is_off());
+        assert_eq!(v.allowance(1 << 40, 1 << 30), usize::MAX);
+    }
+
+    #[test]
+    fn a_view_counts_the_others_and_lets_the_worker_add_its_own() {
+        let limit = 4 << 20; // pause mark 3 MiB
+        let b = BufferBudget::new(limit, 2);
+        b.publish(0, 123_456); // our own stale slot: ignored by the view
+        b.publish(1, 1 << 20);
+        let v = b.view(0, 4);
+        // share = max(4 MiB / 16, 64 KiB) = 256 KiB.
+        // Under the mark: half (two workers) of the room left, or the share.
+        assert_eq!(v.allowance(0, 0), (2 << 20) / 2);
+        assert_eq!(v.allowance((2 << 20) - 1000, 0), 256 << 10);
+        assert_eq!(v.allowance((2 << 20) - 1000, 200 << 10), (256 - 200) << 10);
+        // At or past the mark: only the share.
+        assert_eq!(v.allowance(2 << 20, 10), (256 << 10) - 10);
+        assert_eq!(v.allowance(2 << 20, 256 << 10), 0);
+        assert_eq!(v.allowance(usize::MAX, 0), 256 << 10);
+    }
+
+    #[test]
+    fn simulated_flood_with_views_stays_under_the_tight_bound() {
+        // One worker, n clients that never read, each with unlimited data:
+        // read passes capped at the allowance, exact own total.
+        for n in [1usize, 10, 100, 1000] {
+            let limit = 64 << 20;
+            let b = BufferBudget::new(limit, 1);
+            let mut held = vec![0usize; n];
+            let mut own = 0usize;
+            for _turn in 0..200 {
+                let v = b.view(0, n);
+                for h in held.iter_mut() {
+                    let got = v.allowance(own, *h).min(256 << 10);
+                    *h += got;
+                    own += got;
+                }
+                b.publish(0, own);
+            }
+            assert!(own <= limit + n * MIN_SHARE, "n={n}: {own}");
+        }
     }
 
     // --- parse_scope --------------------------------------------------------

@@ -15,6 +15,7 @@ use clap::Parser;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::admission::{AccessRules, Action, DEFAULT_MAX_BUFFERED, Rule, Scope, parse_scope};
 use crate::protocol::DEFAULT_MAX_LINE;
 use crate::utils::logger::Level;
 
@@ -102,6 +103,73 @@ pub struct Cli {
     /// RUST_LOG=debug].
     #[arg(short = 'L', long, value_name = "LEVEL", value_parser = parse_level)]
     pub log_level: Option<Level>,
+
+    /// Listen on HOST:PORT behind a load balancer: every connection must
+    /// start with a PROXY protocol v1 or v2 header (repeatable; with
+    /// --listen, replaces the config's or default listeners).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_listen_proxy_arg)]
+    pub listen_proxy: Vec<ListenAddr>,
+
+    /// Only peers in CIDR may send PROXY headers; others are refused
+    /// (repeatable) [default: the config's "proxy_from", else any peer].
+    #[arg(long, value_name = "CIDR", value_parser = parse_scope)]
+    pub proxy_from: Vec<Scope>,
+
+    /// Accept clients in CIDR (or "all"); --allow and --deny are checked in
+    /// the order given, the first match decides, no match allows
+    /// (repeatable; replaces the config's "access").
+    #[arg(long, value_name = "CIDR|all", value_parser = parse_scope)]
+    pub allow: Vec<Scope>,
+
+    /// Refuse clients in CIDR (or "all") before reading anything; see --allow.
+    #[arg(long, value_name = "CIDR|all", value_parser = parse_scope)]
+    pub deny: Vec<Scope>,
+
+    /// Open connections per source over all workers (IPv4 by address, IPv6
+    /// by /64); 0 = no limit [default: the config's, else 0].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub max_connections_per_source: Option<u64>,
+
+    /// Bytes held for clients (unsent replies and unterminated lines) over
+    /// all connections; past it, the connections holding most are not read
+    /// until it falls; 0 = no bound [default: 268435456 (256 MiB)].
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64))]
+    pub max_buffered: Option<u64>,
+
+    /// --allow and --deny in command-line order (filled by
+    /// [`Cli::try_parse_ordered`]; clap's derive keeps each flag's values
+    /// apart).
+    #[arg(skip)]
+    pub access: Vec<Rule>,
+}
+
+impl Cli {
+    /// Parses `args` like `Cli::try_parse_from`, and also records the order
+    /// of `--allow` and `--deny` across both flags (first match decides, so
+    /// the order is the meaning).
+    pub fn try_parse_ordered<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Cli::command().try_get_matches_from(args)?;
+        let mut cli = Cli::from_arg_matches(&matches)?;
+        let mut rules: Vec<(usize, Rule)> = Vec::new();
+        for (id, action) in [("allow", Action::Allow), ("deny", Action::Deny)] {
+            if let (Some(at), Some(scopes)) =
+                (matches.indices_of(id), matches.get_many::<Scope>(id))
+            {
+                rules.extend(
+                    at.zip(scopes)
+                        .map(|(i, &scope)| (i, Rule { action, scope })),
+                );
+            }
+        }
+        rules.sort_by_key(|&(i, _)| i);
+        cli.access = rules.into_iter().map(|(_, r)| r).collect();
+        Ok(cli)
+    }
 }
 
 /// One address to listen on, as the user wrote it: the host is resolved later
@@ -112,6 +180,9 @@ pub struct ListenAddr {
     pub host: String,
     /// TCP port; 0 only from `--listen` (an ephemeral port).
     pub port: u16,
+    /// A PROXY-protocol listener (`--listen-proxy`, config
+    /// `"proxy_protocol": true`): every connection starts with a header.
+    pub proxy: bool,
 }
 
 impl fmt::Display for ListenAddr {
@@ -147,6 +218,15 @@ pub struct Settings {
     pub access_log: Option<PathBuf>,
     /// The CONFIG file, if one was given (SIGHUP reloads it).
     pub config: Option<PathBuf>,
+    /// `--allow` / `--deny` (config `"access"`), in order.
+    pub access: AccessRules,
+    /// `--proxy-from` (config `"proxy_from"`): peers allowed to send PROXY
+    /// headers; empty = any peer.
+    pub proxy_from: Vec<Scope>,
+    /// `--max-connections-per-source`; 0 = no limit.
+    pub max_connections_per_source: usize,
+    /// `--max-buffered`; 0 = no bound.
+    pub max_buffered: usize,
 }
 
 /// A bad config file or option value: exit status 2.
@@ -196,7 +276,16 @@ pub fn parse_listen_arg(s: &str) -> Result<ListenAddr, String> {
     let port: u16 = port
         .parse()
         .map_err(|_| format!("'{s}': port '{port}' is not a number in 0-65535"))?;
-    Ok(ListenAddr { host, port })
+    Ok(ListenAddr {
+        host,
+        port,
+        proxy: false,
+    })
+}
+
+/// `--listen-proxy HOST:PORT`: as [`parse_listen_arg`], marked PROXY.
+pub fn parse_listen_proxy_arg(s: &str) -> Result<ListenAddr, String> {
+    parse_listen_arg(s).map(|a| ListenAddr { proxy: true, ..a })
 }
 
 /// Where a host was written. One rule set serves both, with two
@@ -296,6 +385,13 @@ struct ConfigFile {
     idle_timeout: Option<u64>,
     #[serde(default)]
     line_timeout: Option<u64>,
+    access: Option<Vec<Map<String, Value>>>,
+    #[serde(default)]
+    proxy_from: Option<Vec<String>>,
+    #[serde(default)]
+    max_connections_per_source: Option<u64>,
+    #[serde(default)]
+    max_buffered: Option<u64>,
     servers: Vec<ServerSection>,
     #[serde(flatten)]
     other: Map<String, Value>,
@@ -312,6 +408,8 @@ struct ServerSection {
 struct ListenerSection {
     host: String,
     port: i64,
+    #[serde(default)]
+    proxy_protocol: bool,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -333,6 +431,14 @@ pub struct FileConfig {
     /// seconds), each if present: the same limits as the options of those
     /// names, which win over them.
     pub limits: FileLimits,
+    /// `access`, if present, in order.
+    pub access: Option<Vec<Rule>>,
+    /// `proxy_from`, if present.
+    pub proxy_from: Option<Vec<Scope>>,
+    /// `max_connections_per_source`, if present.
+    pub max_connections_per_source: Option<usize>,
+    /// `max_buffered`, if present.
+    pub max_buffered: Option<usize>,
 }
 
 /// The limits a config file may set (top-level keys named like the
@@ -365,6 +471,37 @@ fn in_range(
     }
 }
 
+/// The config's `"access"` list: each entry one `{"allow": SCOPE}` or
+/// `{"deny": SCOPE}`; errors name the entry (`access[1].deny: ...`).
+fn parse_access(list: &[Map<String, Value>]) -> Result<Vec<Rule>, String> {
+    let mut rules = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let mut keys = entry.iter();
+        let (key, value) = match (keys.next(), keys.next()) {
+            (Some(kv), None) => kv,
+            _ => {
+                return Err(format!(
+                    "access[{i}]: must be one {{\"allow\": CIDR}} or {{\"deny\": CIDR}}"
+                ));
+            }
+        };
+        let action = match key.as_str() {
+            "allow" => Action::Allow,
+            "deny" => Action::Deny,
+            other => {
+                return Err(format!(
+                    "access[{i}]: '{other}' is not \"allow\" or \"deny\""
+                ));
+            }
+        };
+        let text = value
+            .as_str()
+            .ok_or_else(|| format!("access[{i}].{key}: must be a string (a CIDR or \"all\")"))?;
+        let scope = parse_scope(text).map_err(|e| format!("access[{i}].{key}: {e}"))?;
+        rules.push(Rule { action, scope });
+    }
+    Ok(rules)
+}
 /// Reads and checks a config file.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -412,8 +549,10 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
                 ListenAddr {
                     host,
                     port: l.port as u16,
+                    proxy: l.proxy_protocol,
                 },
-            );
+            )
+            .map_err(|e| format!("{at}: {e}"))?;
         }
     }
     if listeners.is_empty() {
@@ -434,6 +573,29 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         idle_timeout: in_range("idle_timeout", file.idle_timeout, 0..=(1 << 32))?,
         line_timeout: in_range("line_timeout", file.line_timeout, 0..=(1 << 32))?,
     };
+    let access = file.access.as_deref().map(parse_access).transpose()?;
+    let proxy_from = file
+        .proxy_from
+        .as_ref()
+        .map(|list| {
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| parse_scope(s).map_err(|e| format!("proxy_from[{i}]: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let max_connections_per_source = match file.max_connections_per_source {
+        Some(n) if n > 10_000_000 => {
+            return Err(format!(
+                "max_connections_per_source: {n} is out of range 0-10000000"
+            ));
+        }
+        other => other.map(|n| n as usize),
+    };
+    let max_buffered = file
+        .max_buffered
+        .map(|n| usize::try_from(n).map_err(|_| format!("max_buffered: {n} is too large")))
+        .transpose()?;
     Ok(FileConfig {
         listeners,
         workers,
@@ -441,25 +603,48 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         metrics,
         access_log,
         limits,
+        access,
+        proxy_from,
+        max_connections_per_source,
+        max_buffered,
     })
 }
 
 /// Adds `addr` unless it is already listed. Port 0 ("any free port") is
-/// never a duplicate: each one is a listener of its own.
-fn push_unique(list: &mut Vec<ListenAddr>, addr: ListenAddr) {
-    if addr.port == 0 || !list.contains(&addr) {
+/// never a duplicate: each one is a listener of its own. The same address
+/// asked for as a plain and as a PROXY listener is an error: one socket
+/// cannot be both.
+fn push_unique(list: &mut Vec<ListenAddr>, addr: ListenAddr) -> Result<(), String> {
+    if addr.port == 0 {
         list.push(addr);
+        return Ok(());
     }
+    match list
+        .iter()
+        .find(|a| a.host == addr.host && a.port == addr.port)
+    {
+        None => list.push(addr),
+        Some(a) if a.proxy != addr.proxy => {
+            return Err(format!(
+                "{addr} is both a plain and a PROXY-protocol listener"
+            ));
+        }
+        Some(_) => {}
+    }
+    Ok(())
 }
 
 impl Settings {
     /// Merges the command line with its config file (if any) and the defaults.
     pub fn from_cli(cli: Cli) -> Result<Settings, ConfigError> {
         let file = cli.config.as_deref().map(load_file).transpose()?;
-        let listeners = if !cli.listen.is_empty() {
+        let listeners = if !cli.listen.is_empty() || !cli.listen_proxy.is_empty() {
             let mut v = Vec::new();
-            for a in cli.listen {
-                push_unique(&mut v, a);
+            for a in cli.listen.into_iter().chain(cli.listen_proxy) {
+                push_unique(&mut v, a).map_err(|message| ConfigError {
+                    file: None,
+                    message: format!("--listen-proxy: {message}"),
+                })?;
             }
             v
         } else if let Some(f) = &file {
@@ -470,6 +655,7 @@ impl Settings {
                 .map(|&port| ListenAddr {
                     host: "0.0.0.0".to_string(),
                     port,
+                    proxy: false,
                 })
                 .collect()
         };
@@ -480,7 +666,60 @@ impl Settings {
             .unwrap_or(1);
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         let fl = file.as_ref().map(|f| f.limits).unwrap_or_default();
+        let access = if !cli.access.is_empty() {
+            cli.access
+        } else if cli.allow.is_empty() || cli.deny.is_empty() {
+            // One kind of rule only: the order within a flag is kept.
+            let allow = cli.allow.iter().map(|&scope| Rule {
+                action: Action::Allow,
+                scope,
+            });
+            let deny = cli.deny.iter().map(|&scope| Rule {
+                action: Action::Deny,
+                scope,
+            });
+            allow.chain(deny).collect()
+        } else {
+            // Both flags, parsed without their relative order: refuse to
+            // guess an access policy.
+            return Err(ConfigError {
+                file: None,
+                message: "--allow and --deny together need Cli::try_parse_ordered".to_string(),
+            });
+        };
+        let access = match access.is_empty() {
+            false => access,
+            true => file
+                .as_ref()
+                .and_then(|f| f.access.clone())
+                .unwrap_or_default(),
+        };
+        let proxy_from = match cli.proxy_from.is_empty() {
+            false => cli.proxy_from,
+            true => file
+                .as_ref()
+                .and_then(|f| f.proxy_from.clone())
+                .unwrap_or_default(),
+        };
+        let max_buffered = match cli.max_buffered {
+            Some(n) => usize::try_from(n).map_err(|_| ConfigError {
+                file: None,
+                message: format!("--max-buffered: {n} is too large"),
+            })?,
+            None => file
+                .as_ref()
+                .and_then(|f| f.max_buffered)
+                .unwrap_or(DEFAULT_MAX_BUFFERED),
+        };
         Ok(Settings {
+            access: AccessRules::new(access),
+            proxy_from,
+            max_connections_per_source: cli
+                .max_connections_per_source
+                .map(|n| n as usize)
+                .or(file.as_ref().and_then(|f| f.max_connections_per_source))
+                .unwrap_or(0),
+            max_buffered,
             listeners,
             workers,
             max_connections: cli
@@ -539,7 +778,7 @@ mod tests {
     }"#;
 
     fn cli(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("xps").chain(args.iter().copied()))
+        Cli::try_parse_ordered(std::iter::once("xps").chain(args.iter().copied()))
     }
 
     #[test]
@@ -603,7 +842,8 @@ mod tests {
             f.listeners,
             [ListenAddr {
                 host: "::1".into(),
-                port: 9
+                port: 9,
+                proxy: false,
             }]
         );
         assert_eq!(f.listeners[0].to_string(), "[::1]:9");
@@ -823,6 +1063,236 @@ mod tests {
         assert_eq!(s.metrics.unwrap().to_string(), "[::1]:0");
         assert_eq!(s.access_log.unwrap(), PathBuf::from("-"));
         assert!(cli(&["-t"]).unwrap().check, "-t is --check, as nginx -t");
+    }
+
+    fn rules_of(s: &Settings) -> Vec<String> {
+        s.access.rules().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn listen_proxy_is_a_listener_marked_proxy() {
+        let s = Settings::from_cli(
+            cli(&[
+                "--listen",
+                "127.0.0.1:1",
+                "--listen-proxy",
+                "127.0.0.1:2",
+                "--listen-proxy",
+                "[::1]:0",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let l: Vec<(String, bool)> = s
+            .listeners
+            .iter()
+            .map(|l| (l.to_string(), l.proxy))
+            .collect();
+        assert_eq!(
+            l,
+            [
+                ("127.0.0.1:1".to_string(), false),
+                ("127.0.0.1:2".to_string(), true),
+                ("[::1]:0".to_string(), true),
+            ]
+        );
+        // --listen-proxy alone also replaces the defaults.
+        let s = Settings::from_cli(cli(&["--listen-proxy", "127.0.0.1:3"]).unwrap()).unwrap();
+        assert_eq!(s.listeners.len(), 1);
+        assert!(s.listeners[0].proxy);
+        // One address cannot be both.
+        let e = Settings::from_cli(
+            cli(&["--listen", "127.0.0.1:4", "--listen-proxy", "127.0.0.1:4"]).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--listen-proxy: 127.0.0.1:4 is both a plain and a PROXY-protocol listener"
+        );
+        assert_eq!(cli(&["--listen-proxy", "nope"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn config_listeners_can_ask_for_the_proxy_protocol() {
+        let f = parse_file(
+            r#"{"servers":[{"listeners":[{"host":"a","port":1,"proxy_protocol":true},
+                                         {"host":"a","port":2}]}]}"#,
+        )
+        .unwrap();
+        assert!(f.listeners[0].proxy && !f.listeners[1].proxy);
+        assert!(f.ignored_keys.is_empty(), "{:?}", f.ignored_keys);
+        let e = parse_file(
+            r#"{"servers":[{"listeners":[{"host":"a","port":1,"proxy_protocol":"yes"}]}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("line 1:") && e.contains("expected a boolean"),
+            "{e}"
+        );
+        let e = parse_file(
+            r#"{"servers":[{"listeners":[{"host":"a","port":1,"proxy_protocol":true}]},
+                           {"listeners":[{"host":"a","port":1}]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "servers[1].listeners[0]: a:1 is both a plain and a PROXY-protocol listener"
+        );
+    }
+
+    #[test]
+    fn allow_and_deny_keep_their_order_across_both_flags() {
+        let s = Settings::from_cli(
+            cli(&[
+                "--allow",
+                "127.0.0.1",
+                "--deny",
+                "10.0.0.0/8",
+                "--allow",
+                "10.1.0.0/16",
+                "--deny",
+                "all",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            rules_of(&s),
+            [
+                "allow 127.0.0.1/32",
+                "deny 10.0.0.0/8",
+                "allow 10.1.0.0/16",
+                "deny all"
+            ]
+        );
+        assert!(s.access.allows("127.0.0.1".parse().unwrap()));
+        assert!(!s.access.allows("10.1.2.3".parse().unwrap()));
+        assert!(!s.access.allows("127.0.0.2".parse().unwrap()));
+        let s =
+            Settings::from_cli(cli(&["--deny", "all", "--allow", "127.0.0.1"]).unwrap()).unwrap();
+        assert_eq!(rules_of(&s), ["deny all", "allow 127.0.0.1/32"]);
+        // Parsed by clap's derive alone, the relative order is lost: refused,
+        // not guessed.
+        let plain = Cli::try_parse_from(["xps", "--deny", "all", "--allow", "::1"]).unwrap();
+        assert!(Settings::from_cli(plain).is_err());
+        let plain = Cli::try_parse_from(["xps", "--deny", "10.0.0.0/8", "--deny", "all"]).unwrap();
+        assert_eq!(
+            rules_of(&Settings::from_cli(plain).unwrap()),
+            ["deny 10.0.0.0/8", "deny all"]
+        );
+        // Bad scopes are usage errors (exit 2) naming the text.
+        for bad in [
+            &["--allow", "10.1.2.3/8"][..],
+            &["--deny", "nope"],
+            &["--proxy-from", "1.2.3.4/33"],
+        ] {
+            let e = cli(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        let e = cli(&["--allow", "10.1.2.3/8"]).unwrap_err().to_string();
+        assert!(e.contains("host bits set"), "{e}");
+    }
+
+    #[test]
+    fn access_and_proxy_from_come_from_the_file_unless_given() {
+        let text = r#"{"access":[{"allow":"10.0.0.0/8"},{"deny":"all"}],
+                       "proxy_from":["127.0.0.1","::1"],
+                       "max_connections_per_source":3,"max_buffered":1048576,
+                       "servers":[{"listeners":[{"host":"a","port":1}]}]}"#;
+        let f = parse_file(text).unwrap();
+        assert!(f.ignored_keys.is_empty(), "{:?}", f.ignored_keys);
+        let path = temp_config(text);
+        let p = path.to_str().unwrap();
+        let s = Settings::from_cli(cli(&[p]).unwrap()).unwrap();
+        assert_eq!(rules_of(&s), ["allow 10.0.0.0/8", "deny all"]);
+        let from: Vec<String> = s.proxy_from.iter().map(ToString::to_string).collect();
+        assert_eq!(from, ["127.0.0.1/32", "::1/128"]);
+        assert_eq!(s.max_connections_per_source, 3);
+        assert_eq!(s.max_buffered, 1 << 20);
+        let s = Settings::from_cli(
+            cli(&[
+                p,
+                "--deny",
+                "127.0.0.0/8",
+                "--proxy-from",
+                "10.0.0.0/8",
+                "--max-connections-per-source",
+                "0",
+                "--max-buffered",
+                "0",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rules_of(&s), ["deny 127.0.0.0/8"]);
+        assert_eq!(s.proxy_from.len(), 1);
+        assert_eq!(s.max_connections_per_source, 0);
+        assert_eq!(s.max_buffered, 0);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn bad_access_entries_are_named_by_path() {
+        let with = |extra: &str| {
+            parse_file(&format!(
+                r#"{{{extra},"servers":[{{"listeners":[{{"host":"a","port":1}}]}}]}}"#
+            ))
+        };
+        assert_eq!(
+            with(r#""access":[{"allow":"all"},{"deny":"10.1.2.3/8"}]"#).unwrap_err(),
+            "access[1].deny: '10.1.2.3/8' has host bits set: write 10.0.0.0/8 (or /32 for one address)"
+        );
+        assert_eq!(
+            with(r#""access":[{"permit":"all"}]"#).unwrap_err(),
+            "access[0]: 'permit' is not \"allow\" or \"deny\""
+        );
+        assert_eq!(
+            with(r#""access":[{"allow":"all","deny":"all"}]"#).unwrap_err(),
+            "access[0]: must be one {\"allow\": CIDR} or {\"deny\": CIDR}"
+        );
+        assert_eq!(
+            with(r#""access":[{}]"#).unwrap_err(),
+            "access[0]: must be one {\"allow\": CIDR} or {\"deny\": CIDR}"
+        );
+        assert_eq!(
+            with(r#""access":[{"allow":8}]"#).unwrap_err(),
+            "access[0].allow: must be a string (a CIDR or \"all\")"
+        );
+        assert!(
+            with(r#""access":{"allow":"all"}"#)
+                .unwrap_err()
+                .starts_with("line 1:")
+        );
+        assert_eq!(
+            with(r#""proxy_from":["10.0.0.1","x"]"#).unwrap_err(),
+            "proxy_from[1]: 'x' is not an IP address, a CIDR (as 10.0.0.0/8) or 'all'"
+        );
+        assert_eq!(
+            with(r#""max_connections_per_source":20000000"#).unwrap_err(),
+            "max_connections_per_source: 20000000 is out of range 0-10000000"
+        );
+        assert!(
+            with(r#""max_buffered":-1"#)
+                .unwrap_err()
+                .starts_with("line 1:")
+        );
+        for bad in [
+            &["--max-buffered", "-1"][..],
+            &["--max-buffered", "lots"],
+            &["--max-connections-per-source", "x"],
+        ] {
+            assert_eq!(cli(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn admission_defaults_are_the_specs() {
+        let s = Settings::from_cli(cli(&[]).unwrap()).unwrap();
+        assert!(s.access.is_empty());
+        assert!(s.proxy_from.is_empty());
+        assert_eq!(s.max_connections_per_source, 0);
+        assert_eq!(s.max_buffered, 256 << 20);
+        assert!(s.listeners.iter().all(|l| !l.proxy));
     }
 
     #[test]

@@ -51,11 +51,14 @@ use mio::event::Event;
 use mio::{Interest, Token};
 use slab::Slab;
 
+use crate::admission::{self, AccessRules, BudgetView, BufferBudget, SourceLimits, SourcePermit};
 use crate::event_loop::{Handler, LoopHandle, LoopTimer};
 use crate::network::connection::{
-    CloseReason, Connection, Deadline, Phase, Scratch, Status, Totals,
+    CloseReason, Connection, Deadline, HEADER_TIMEOUT, HeaderFailure, HeaderStep, Phase,
+    RefuseReason, Scratch, Status, Totals,
 };
 use crate::network::listener::{AcceptVerdict, Listener, classify_accept_error};
+use crate::network::proxy_header::ProxyHeader;
 use crate::observe::access_log::{AccessLog, Record};
 use crate::observe::metrics::{AcceptError, Closed, ListenerCounter, Metrics, WorkerMetrics};
 use crate::slots::{Slot, Slots};
@@ -80,6 +83,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const LINGER_TICK: Duration = Duration::from_millis(10);
 /// At most one accept-failure warning per this interval per worker.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
+/// While connections wait for the global buffer budget, how often to look
+/// whether it allows them again (other workers' totals raise no event).
+pub const RATION_TICK: Duration = Duration::from_millis(10);
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +172,33 @@ pub struct Observers {
     pub access_log: Option<AccessLog>,
 }
 
+/// SPEC §6's admission, shared by every worker: access rules, trusted PROXY
+/// peers, the per-source table and the global buffer budget. The default
+/// admits everyone and bounds nothing.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// `--allow` / `--deny`.
+    pub rules: Arc<AccessRules>,
+    /// `--proxy-from` as rules (allow each, then deny all); `None` = any
+    /// peer may send headers.
+    pub proxy_from: Option<Arc<AccessRules>>,
+    /// `--max-connections-per-source`, over all workers.
+    pub sources: Arc<SourceLimits>,
+    /// `--max-buffered`, over all workers.
+    pub budget: Arc<BufferBudget>,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            rules: Arc::new(AccessRules::default()),
+            proxy_from: None,
+            sources: SourceLimits::new(0),
+            budget: BufferBudget::new(0, 1),
+        }
+    }
+}
+
 impl From<&CloseReason> for Closed {
     fn from(reason: &CloseReason) -> Closed {
         match reason {
@@ -178,6 +211,8 @@ impl From<&CloseReason> for Closed {
             CloseReason::IdleTimeout { .. } | CloseReason::LineTimeout { .. } => {
                 Closed::IdleTimeout
             }
+            // Counted as refusals (`observe_refusal`), never as closes.
+            CloseReason::Refused(_) => Closed::Error,
         }
     }
 }
@@ -195,6 +230,8 @@ struct ListenerSlot {
     counter: Option<ListenerCounter>,
     /// An edge said "connections waiting" and the backlog was not drained.
     ready: bool,
+    /// A PROXY-protocol listener: connections start with a header.
+    proxy: bool,
 }
 
 /// A connection in the core's slab, with its place in the deadline heap.
@@ -206,8 +243,17 @@ struct Entry {
     /// earlier deadline (a line clock starting) is pushed, a later one waits
     /// until this entry comes due.
     timer_due: Option<Instant>,
-    /// The client's address.
+    /// The client's address: the TCP peer, or on a PROXY listener the
+    /// header's source once the header is read.
     peer: std::net::SocketAddr,
+    /// On a PROXY listener, the balancer's address (the TCP peer).
+    proxy: Option<std::net::SocketAddr>,
+    /// The per-source count this connection holds (released on drop).
+    _permit: Option<SourcePermit>,
+    /// Bytes it held after its last pass (its part of `Core::held`).
+    held: usize,
+    /// In `Core::rationed`.
+    rationed: bool,
     /// When it was accepted.
     since: Instant,
     /// The listener it came through.
@@ -235,6 +281,10 @@ pub struct Reconfigure {
     pub remove: Vec<crate::config::ListenAddr>,
     /// Limits for connections accepted from now on.
     pub limits: Limits,
+    /// Access rules for connections accepted from now on.
+    pub rules: Arc<AccessRules>,
+    /// Trusted PROXY peers from now on (`None` = any).
+    pub proxy_from: Option<Arc<AccessRules>>,
 }
 
 /// One worker: its listeners, its connections, its timers.
@@ -285,6 +335,18 @@ pub struct Core {
     /// Access-log records of connections that ended this turn, sent to the
     /// writer once per turn.
     ended: Vec<Record>,
+    /// Access rules, trusted proxies, per-source table, buffer budget.
+    admission: Admission,
+    /// Bytes held for this worker's clients, exact after every pass.
+    held: usize,
+    /// This turn's view of the global budget.
+    budget_view: BudgetView,
+    /// Connections the budget stopped reading, retried while it allows.
+    rationed: Vec<(usize, u64)>,
+    /// Last refusal warning.
+    refuse_warned: Option<Instant>,
+    /// Refusals since it.
+    refusals: u64,
 }
 
 impl Core {
@@ -321,6 +383,12 @@ impl Core {
             control,
             tally: Totals::default(),
             ended: Vec::new(),
+            admission: Admission::default(),
+            held: 0,
+            budget_view: BudgetView::OFF,
+            rationed: Vec::new(),
+            refuse_warned: None,
+            refusals: 0,
         };
         for listener in listeners {
             core.listener_attach(listener)?;
@@ -348,11 +416,13 @@ impl Core {
             Interest::READABLE,
         )?;
         // The backlog may already hold connections: look at once.
+        let proxy = listener.addr.proxy;
         entry.insert(ListenerSlot {
             listener,
             name,
             counter,
             ready: true,
+            proxy,
         });
         Ok(())
     }
@@ -390,7 +460,34 @@ impl Core {
                 }
             }
             self.limits = r.limits;
+            self.admission.rules = r.rules;
+            self.admission.proxy_from = r.proxy_from;
         }
+    }
+
+    /// Applies SPEC §6's admission (the default admits everyone). With a
+    /// PROXY listener the header deadline needs the timer, even when no
+    /// other timeout is on.
+    pub fn with_admission(mut self, admission: Admission) -> io::Result<Core> {
+        self.admission = admission;
+        if self.timer.is_none() && self.listeners.iter().any(|(_, ls)| ls.proxy) {
+            self.timer = Some(LoopTimer::create(&self.handle, Target::Timer.token())?);
+        }
+        Ok(self)
+    }
+
+    /// Access rules, then the per-source permit, for `client`.
+    fn admit(&self, client: std::net::SocketAddr) -> Result<SourcePermit, RefuseReason> {
+        admission::admit(&self.admission.rules, &self.admission.sources, client.ip())
+            .map_err(RefuseReason::from)
+    }
+
+    /// Whether `peer` may send PROXY headers (`--proxy-from`).
+    fn trusted_proxy(&self, peer: std::net::SocketAddr) -> bool {
+        self.admission
+            .proxy_from
+            .as_ref()
+            .is_none_or(|rules| rules.allows(peer.ip()))
     }
 
     /// `xps_listener_connection_handler()`: accepts until the backlog is
@@ -473,6 +570,31 @@ impl Core {
     ) {
         // TCP_NODELAY and SO_OOBINLINE come from the listening socket (see
         // listener::bind).
+        // SPEC §6: refused before anything is read (on a PROXY listener the
+        // rules and the per-source limit wait for the header).
+        let proxied = self.listeners[li].proxy;
+        let mut permit = None;
+        let refused = if proxied {
+            (!self.trusted_proxy(peer)).then_some(RefuseReason::Header(HeaderFailure::Untrusted))
+        } else {
+            match self.admit(peer) {
+                Ok(p) => {
+                    permit = Some(p);
+                    None
+                }
+                Err(why) => Some(why),
+            }
+        };
+        if let Some(why) = refused {
+            let ls = &self.listeners[li];
+            if let (Some((_, m)), Some(counter)) = (&self.observers.metrics, &ls.counter) {
+                m.accepted(counter);
+            }
+            let listener = ls.name.clone();
+            let proxy = proxied.then_some(peer);
+            self.observe_refusal(&listener, peer, proxy, self.now, Totals::default(), why);
+            return; // `slot` and `stream` drop here: closed unread
+        }
         let entry = self.connections.vacant_entry();
         let key = entry.key();
         if let Err(e) = self.handle.attach(
@@ -497,7 +619,9 @@ impl Core {
         }
         let listener = ls.name.clone();
         let timeouts = self.limits.timeouts;
-        let timer_due = timeouts.idle.map(|t| self.now + t);
+        let header_due = proxied.then(|| self.now + HEADER_TIMEOUT);
+        let idle_due = timeouts.idle.map(|t| self.now + t);
+        let timer_due = [idle_due, header_due].into_iter().flatten().min();
         if let Some(due) = timer_due {
             self.timers.push(Reverse((due, key, id)));
         }
@@ -509,10 +633,18 @@ impl Core {
             peer,
             listener
         );
+        let mut conn = Connection::new(stream, slot, id, self.limits.max_line, self.now);
+        if let Some(due) = header_due {
+            conn.expect_header(due);
+        }
         entry.insert(Entry {
-            conn: Connection::new(stream, slot, id, self.limits.max_line, self.now),
+            conn,
             timer_due,
             peer,
+            proxy: proxied.then_some(peer),
+            _permit: permit,
+            held: 0,
+            rationed: false,
             since: self.now,
             listener,
             timeouts,
@@ -524,15 +656,28 @@ impl Core {
     /// and its slot.
     fn connection_destroy(&mut self, key: usize, reason: &CloseReason) {
         let entry = self.connections.remove(key);
-        xps_log!(
-            Level::Debug,
-            "xps_connection_destroy()",
-            "closed connection #{} from {}: {}",
-            entry.conn.id,
-            entry.peer,
-            reason
-        );
-        self.observe_close(entry, reason); // drops it: socket and slot go
+        self.held -= entry.held;
+        if let CloseReason::Refused(why) = reason {
+            let totals = entry.conn.totals;
+            self.observe_refusal(
+                &entry.listener,
+                entry.peer,
+                entry.proxy,
+                entry.since,
+                totals,
+                *why,
+            );
+        } else {
+            xps_log!(
+                Level::Debug,
+                "xps_connection_destroy()",
+                "closed connection #{} from {}: {}",
+                entry.conn.id,
+                entry.peer,
+                reason
+            );
+            self.observe_close(entry, reason); // drops it: socket and slot go
+        }
         // A freed descriptor or slot may let a paused listener accept again.
         for (_, ls) in &mut self.listeners {
             ls.listener.paused_until = None;
@@ -556,7 +701,7 @@ impl Core {
                 time: std::time::SystemTime::now(),
                 listener: entry.listener,
                 client: entry.peer,
-                proxy: None,
+                proxy: entry.proxy,
                 worker: self.observers.worker,
                 duration: self.now.saturating_duration_since(entry.since),
                 received: totals.received,
@@ -564,6 +709,115 @@ impl Core {
                 lines: totals.lines,
                 end: kind.label(),
             });
+        }
+    }
+
+    /// Reports a refused connection (SPEC §6): the refusal counter, the
+    /// access log, a DEBUG line naming the client and the reason, and a
+    /// warning when refusals start (then at most one per [`WARN_INTERVAL`]).
+    fn observe_refusal(
+        &mut self,
+        listener: &Arc<str>,
+        client: std::net::SocketAddr,
+        proxy: Option<std::net::SocketAddr>,
+        since: Instant,
+        totals: Totals,
+        why: RefuseReason,
+    ) {
+        if let Some((_, m)) = &self.observers.metrics {
+            m.refused(why.kind());
+        }
+        if self.observers.access_log.is_some() {
+            self.ended.push(Record {
+                time: std::time::SystemTime::now(),
+                listener: listener.clone(),
+                client,
+                proxy,
+                worker: self.observers.worker,
+                duration: self.now.saturating_duration_since(since),
+                received: totals.received,
+                sent: totals.sent,
+                lines: totals.lines,
+                end: why.kind().label(),
+            });
+        }
+        xps_log!(
+            Level::Debug,
+            "xps_admission()",
+            "refused {} on {}: {}",
+            client,
+            listener,
+            why
+        );
+        self.refusals += 1;
+        if self
+            .refuse_warned
+            .is_none_or(|t| self.now.saturating_duration_since(t) >= WARN_INTERVAL)
+        {
+            xps_log!(
+                Level::Warning,
+                "xps_admission()",
+                "refusing connections: {} since the last warning, the latest from {} ({}); DEBUG lines name each",
+                self.refusals,
+                client,
+                why
+            );
+            self.refuse_warned = Some(self.now);
+            self.refusals = 0;
+        }
+    }
+
+    /// The header phase of a connection on a PROXY listener: reads the
+    /// header; once complete, the client address it names is what the
+    /// access rules and the per-source limit see, then the bytes after it
+    /// are answered. Returns false when the connection is gone or must
+    /// wait for more header bytes.
+    fn drive_header(&mut self, key: usize) -> bool {
+        let entry = &mut self.connections[key];
+        let step = entry.conn.read_header(&mut self.scratch);
+        match step {
+            HeaderStep::Waiting => {
+                let held = entry.conn.held();
+                self.held = self.held - entry.held + held;
+                entry.held = held;
+                false
+            }
+            HeaderStep::Failed(reason) => {
+                self.connection_destroy(key, &reason);
+                false
+            }
+            HeaderStep::Done { header, rest } => {
+                let client = client_of(&header, entry.peer);
+                xps_log!(
+                    Level::Debug,
+                    "xps_connection_create()",
+                    "connection #{} from {}: PROXY v{} header, client {}",
+                    entry.conn.id,
+                    entry.peer,
+                    header.version,
+                    client
+                );
+                entry.peer = client;
+                match self.admit(client) {
+                    Err(why) => {
+                        self.connection_destroy(key, &CloseReason::Refused(why));
+                        false
+                    }
+                    Ok(permit) => {
+                        let entry = &mut self.connections[key];
+                        entry._permit = Some(permit);
+                        let scratch = &mut self.scratch;
+                        let line_timeout = entry.timeouts.line;
+                        entry.conn.begin_serving(
+                            &scratch.read[rest],
+                            &mut scratch.out,
+                            self.now,
+                            line_timeout,
+                        );
+                        true
+                    }
+                }
+            }
         }
     }
 
@@ -600,16 +854,30 @@ impl Core {
         // connection would be sent to the next one.
         debug_assert!(self.scratch.out.is_empty());
         self.scratch.out.clear();
+        let before = entry.conn.totals;
+        if entry.conn.awaiting_header() && !self.drive_header(key) {
+            return;
+        }
+        let entry = &mut self.connections[key];
         let conn = &mut entry.conn;
-        let before = conn.totals;
-        let status = conn.drive(&mut self.scratch, self.now, entry.timeouts.line);
+        let allowance = self.budget_view.allowance(self.held, entry.held);
+        let status = conn.drive_capped(&mut self.scratch, self.now, entry.timeouts.line, allowance);
         self.tally.add(conn.totals.since(before));
+        let held = conn.held();
+        self.held = self.held - entry.held + held;
+        entry.held = held;
         match status {
             Status::Idle => {}
             Status::More => {
                 if !conn.queued {
                     conn.queued = true;
                     self.deferred.push((key, conn.id));
+                }
+            }
+            Status::Rationed => {
+                if !entry.rationed {
+                    entry.rationed = true;
+                    self.rationed.push((key, conn.id));
                 }
             }
             Status::Close(reason) => return self.connection_destroy(key, &reason),
@@ -645,8 +913,37 @@ impl Core {
         self.shutdown_deadline = Some(self.now + SHUTDOWN_GRACE);
         let keys: Vec<usize> = self.connections.iter().map(|(k, _)| k).collect();
         for key in keys {
+            if self.connections[key].conn.awaiting_header() {
+                // Not admitted yet: nothing of it to answer.
+                self.connection_destroy(key, &CloseReason::Shutdown);
+                continue;
+            }
             self.connections[key].conn.begin_shutdown();
             self.drive(key);
+        }
+    }
+
+    /// Step 2b: connections the global buffer budget stopped reading, driven
+    /// again once it allows them (their holding or the total fell). Those
+    /// that still may not read stay queued; `next_timeout` looks again
+    /// every [`RATION_TICK`].
+    fn retry_rationed(&mut self) {
+        if self.rationed.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.rationed);
+        for (key, id) in batch {
+            let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
+                continue; // closed since
+            };
+            if self.budget_view.allowance(self.held, entry.held) == 0 {
+                self.rationed.push((key, id)); // not yet
+                continue;
+            }
+            entry.rationed = false;
+            if !entry.conn.queued {
+                self.drive(key); // a pass stopped again re-queues it
+            }
         }
     }
 
@@ -785,6 +1082,10 @@ impl Core {
         let mut wake: Option<Instant> = self
             .shutdown_deadline
             .map(|d| d.min(self.now + LINGER_TICK));
+        if !self.rationed.is_empty() {
+            let tick = self.now + RATION_TICK;
+            wake = Some(wake.map_or(tick, |w| w.min(tick)));
+        }
         let mut earliest = |t: Instant| {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         };
@@ -814,6 +1115,11 @@ impl Core {
 impl Handler for Core {
     fn woke(&mut self) {
         self.now = Instant::now();
+        // The global budget, once per turn: the other workers' totals.
+        self.budget_view = self
+            .admission
+            .budget
+            .view(self.observers.worker, self.shared.slots.taken());
     }
 
     fn on_event(&mut self, event: &Event) {
@@ -849,16 +1155,28 @@ impl Handler for Core {
         self.apply_control();
         self.check_stop();
         self.run_deferred();
+        self.retry_rationed();
         self.retry_listeners();
         self.expire_deadlines();
         self.step_shutdown();
         self.flush_tally();
+        // One relaxed store to this worker's own padded slot per turn.
+        self.admission
+            .budget
+            .publish(self.observers.worker, self.held);
         self.next_timeout()
     }
 
     fn should_stop(&self) -> bool {
         self.stopped
     }
+}
+
+/// The client a PROXY header names: its source, or the socket's own peer
+/// for a header without addresses (v2 `LOCAL`, a health check; v1
+/// `UNKNOWN`; v2 `UNSPEC`).
+fn client_of(header: &ProxyHeader, peer: std::net::SocketAddr) -> std::net::SocketAddr {
+    header.source.unwrap_or(peer)
 }
 
 #[cfg(test)]

@@ -7,14 +7,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use xps::config::{Cli, Settings};
 use xps::server::{self, ServerError};
 use xps::utils::logger::{self, Level};
 use xps::xps_log;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_ordered(std::env::args_os()) {
         Ok(cli) => cli,
         // --help and --version print and exit 0; bad options exit 2.
         Err(e) => e.exit(),
@@ -54,11 +53,28 @@ fn main() -> ExitCode {
             }
         };
     }
+    limit_allocator_slack();
     match server::run(&settings, cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServerError::Listen(_)) | Err(e @ ServerError::Fatal(_)) => {
             xps_log!(Level::Error, "main()", "{e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Buffers of 64 KiB and more (a slow reader's pending replies) are mapped
+/// on their own and given back to the kernel when freed, so the process's
+/// resident memory follows the bytes actually held — what `--max-buffered`
+/// bounds — instead of keeping the high-water mark of a fragmented heap.
+/// glibc raises this threshold by itself after the first large `free`
+/// (up to 32 MiB), which would put exactly those buffers back on the heap;
+/// setting it fixes it. The line path never allocates, so it pays nothing.
+fn limit_allocator_slack() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any
+    // thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
     }
 }

@@ -28,11 +28,12 @@ use mio::Waker;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use crate::admission::{AccessRules, Action, BufferBudget, Rule, Scope, SourceLimits};
 use crate::config::Cli;
 use crate::config::{ListenAddr, Settings};
 use crate::control::reload::{self, Reloader, WorkerLink};
 use crate::control::systemd::{self, Notifier};
-use crate::core::{Core, Observers, Shared, Target};
+use crate::core::{Admission, Core, Observers, Shared, Target};
 use crate::event_loop::EventLoop;
 use crate::network::listener::{self, ListenError, Listener};
 use crate::observe::access_log::{self, AccessLog, AccessLogWriter};
@@ -110,6 +111,8 @@ fn adopt_listeners(
         let addr = ListenAddr {
             host: at.ip().to_string(),
             port: at.port(),
+            // systemd's sockets carry no PROXY flag (see docs/load-balancing.md).
+            proxy: false,
         };
         for list in per_worker.iter_mut() {
             let copy = socket.try_clone().map_err(|e| {
@@ -165,6 +168,32 @@ fn open_observers(
         }
     };
     Ok((metrics, log))
+}
+
+/// SPEC §6's admission from the settings, shared by every worker.
+pub fn admission(settings: &Settings) -> Admission {
+    Admission {
+        rules: Arc::new(settings.access.clone()),
+        proxy_from: proxy_rules(settings),
+        sources: SourceLimits::new(settings.max_connections_per_source),
+        budget: BufferBudget::new(settings.max_buffered, settings.workers),
+    }
+}
+
+/// `--proxy-from A --proxy-from B` as rules: allow A, allow B, deny all;
+/// `None` = any peer may send headers.
+pub fn proxy_rules(settings: &Settings) -> Option<Arc<AccessRules>> {
+    (!settings.proxy_from.is_empty()).then(|| {
+        let allow = settings.proxy_from.iter().map(|&scope| Rule {
+            action: Action::Allow,
+            scope,
+        });
+        let deny_rest = std::iter::once(Rule {
+            action: Action::Deny,
+            scope: Scope::All,
+        });
+        Arc::new(AccessRules::new(allow.chain(deny_rest).collect()))
+    })
 }
 
 /// Stops every worker: sets the shared stop flag and wakes each loop.
@@ -229,6 +258,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     let (metrics, access_log) = open_observers(settings)?;
     let shared = Shared::new(settings.max_connections);
     let limits = reload::limits_of(settings);
+    let admission = admission(settings);
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
     let mut links = Vec::with_capacity(settings.workers);
@@ -261,6 +291,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
             observers,
             Some(rx),
         )
+        .and_then(|core| core.with_admission(admission.clone()))
         .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
@@ -292,6 +323,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
             access_log: access_log.as_ref().map(|(log, _)| log.clone()),
             metrics: metrics.clone(),
             notifier: notifier.clone(),
+            admission: admission.clone(),
         },
     };
     let signal_thread =

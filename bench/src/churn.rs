@@ -17,6 +17,8 @@ use crate::{Args, secs};
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Phase {
     Connecting,
+    /// Bytes of the PROXY header written (`--proxy-v2`).
+    Header(usize),
     /// Bytes of the line written.
     Sending(usize),
     /// Bytes of the reply received.
@@ -65,12 +67,39 @@ impl Exchange {
 
     /// Advances as far as the socket allows.
     pub fn step(&mut self, pats: &Patterns, scratch: &mut [u8]) -> Result<Step, String> {
+        self.step_with(&[], pats, scratch)
+    }
+
+    /// [`step`](Self::step), sending `header` (a PROXY header) first on a
+    /// new connection.
+    pub fn step_with(
+        &mut self,
+        header: &[u8],
+        pats: &Patterns,
+        scratch: &mut [u8],
+    ) -> Result<Step, String> {
         if self.phase == Phase::Connecting {
             match net::connected(&self.s) {
-                Ok(true) => self.phase = Phase::Sending(0),
+                Ok(true) if header.is_empty() => self.phase = Phase::Sending(0),
+                Ok(true) => self.phase = Phase::Header(0),
                 Ok(false) => return Ok(Step::Pending),
                 Err(e) => return Err(format!("connect: {e}")),
             }
+        }
+        if let Phase::Header(mut off) = self.phase {
+            while off < header.len() {
+                match self.s.write(&header[off..]) {
+                    Ok(0) => return Err("write returned 0".into()),
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.phase = Phase::Header(off);
+                        return Ok(Step::Pending);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("write: {e}")),
+                }
+            }
+            self.phase = Phase::Sending(0);
         }
         if let Phase::Sending(mut off) = self.phase {
             let line = pats.line(self.pattern);
@@ -132,7 +161,23 @@ impl Exchange {
     }
 }
 
+/// A PROXY protocol v2 header (`PROXY`, TCP over IPv4, 192.0.2.1:4242 →
+/// 192.0.2.2:8001), what HAProxy's `send-proxy-v2` prepends.
+pub fn proxy_v2_header() -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0x00, 12]);
+    h.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
+    h.extend_from_slice(&4242u16.to_be_bytes());
+    h.extend_from_slice(&8001u16.to_be_bytes());
+    h
+}
+
 pub fn run(args: &Args) -> io::Result<Report> {
+    let header = if args.proxy_v2 {
+        proxy_v2_header()
+    } else {
+        Vec::new()
+    };
     let pats = Patterns::new(args.size(), args.verify, 1);
     let mut scratch = vec![0u8; 64 * 1024];
     let mut poll = Poll::new()?;
@@ -181,7 +226,7 @@ pub fn run(args: &Args) -> io::Result<Report> {
         for ev in events.iter() {
             let i = ev.token().0;
             let Some(x) = slots[i].as_mut() else { continue };
-            let restart = match x.step(&pats, &mut scratch) {
+            let restart = match x.step_with(&header, &pats, &mut scratch) {
                 Ok(Step::Pending) => false,
                 Ok(Step::Done) => {
                     if measuring {

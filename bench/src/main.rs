@@ -105,6 +105,10 @@ pub struct Args {
     /// (more ephemeral ports for churn).
     #[arg(long, default_value_t = 8)]
     pub src_spread: u8,
+    /// churn: start every connection with a PROXY protocol v2 header (for
+    /// a server's `--listen-proxy` listener).
+    #[arg(long)]
+    pub proxy_v2: bool,
     /// idle: bound in seconds on the connect phase and on the final check.
     #[arg(long, default_value_t = 60.0)]
     pub timeout: f64,

@@ -13,7 +13,9 @@
 //! 3. Only when everything that can fail has succeeded (the config parsed,
 //!    every new socket bound, a new access-log path opened) is the change
 //!    committed: each worker is sent its new sockets, the listeners to close
-//!    and the limits for new connections ([`Reconfigure`]), and woken. Any
+//!    the limits and access rules for new connections ([`Reconfigure`]),
+//!    and woken (the per-source limit and the buffer bound, shared by all
+//!    workers, change in place). Any
 //!    failure before that is logged and changes nothing.
 //!
 //! What a reload does not change is named in a warning and waits for a
@@ -29,7 +31,7 @@ use mio::Waker;
 
 use crate::config::{Cli, ListenAddr, Settings};
 use crate::control::systemd::Notifier;
-use crate::core::{CoreMsg, Limits, Reconfigure, Timeouts};
+use crate::core::{Admission, CoreMsg, Limits, Reconfigure, Timeouts};
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::slots::Slots;
@@ -80,6 +82,9 @@ pub struct Reloader {
     pub metrics: Option<Arc<Metrics>>,
     /// systemd's notify socket.
     pub notifier: Notifier,
+    /// The admission state the workers share (its per-source table and
+    /// buffer budget take new limits in place).
+    pub admission: Admission,
 }
 
 impl Reloader {
@@ -146,17 +151,25 @@ impl Reloader {
         };
         // Commit.
         let limits = limits_of(&new);
+        let rules = Arc::new(new.access.clone());
+        let proxy_from = crate::server::proxy_rules(&new);
         for (link, add) in self.workers.iter().zip(opened.per_worker) {
             let msg = CoreMsg::Reconfigure(Reconfigure {
                 add,
                 remove: removed.clone(),
                 limits,
+                rules: rules.clone(),
+                proxy_from: proxy_from.clone(),
             });
             if link.tx.send(msg).is_ok() {
                 let _ = link.waker.wake();
             }
         }
         self.slots.set_max(new.max_connections);
+        self.admission
+            .sources
+            .set_limit(new.max_connections_per_source);
+        self.admission.budget.set_limit(new.max_buffered);
         if let (Some(log), Some(path)) = (&self.access_log, new_log_path) {
             log.reopen_at(path);
         }
@@ -236,6 +249,7 @@ mod tests {
         ListenAddr {
             host: "127.0.0.1".to_string(),
             port,
+            proxy: false,
         }
     }
 

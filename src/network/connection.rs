@@ -60,6 +60,8 @@ use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::core::Timeouts;
+use crate::network::proxy_header::{HeaderReader, ProxyError, ProxyHeader};
+use crate::observe::metrics::Refused;
 use crate::protocol::LineReverser;
 use crate::slots::Slot;
 
@@ -76,6 +78,9 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 /// Upper bound on `size_of::<Connection>()`, the per-connection cost of an
 /// idle client in user space (a unit test holds the struct to it).
 pub const IDLE_BYTES_BOUND: usize = 256;
+/// How long a connection on a PROXY listener may take to send its header
+/// (SPEC §6).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Buffers shared by every connection of one event loop.
 pub struct Scratch {
@@ -122,6 +127,93 @@ pub enum CloseReason {
         /// The timeout.
         after: Duration,
     },
+    /// Turned away before it was served (SPEC §6): counted and logged as a
+    /// refusal, not a close.
+    Refused(RefuseReason),
+}
+
+/// Why a connection was refused (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// An access rule denied the client.
+    Denied,
+    /// The client's source holds `--max-connections-per-source` already.
+    PerSourceLimit,
+    /// The PROXY header was not received as it must be.
+    Header(HeaderFailure),
+}
+
+/// What was wrong with a PROXY-protocol connection's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderFailure {
+    /// The bytes can never become a valid header.
+    Malformed(ProxyError),
+    /// The client closed before the header was complete (or sent none).
+    Closed,
+    /// Not complete within [`HEADER_TIMEOUT`].
+    Timeout,
+    /// The peer is not in `--proxy-from`.
+    Untrusted,
+}
+
+impl RefuseReason {
+    /// The refusal as the metrics and the access log count it.
+    pub fn kind(self) -> Refused {
+        match self {
+            RefuseReason::Denied => Refused::Denied,
+            RefuseReason::PerSourceLimit => Refused::PerSourceLimit,
+            RefuseReason::Header(_) => Refused::ProxyHeader,
+        }
+    }
+}
+
+impl From<crate::admission::Refusal> for RefuseReason {
+    fn from(r: crate::admission::Refusal) -> RefuseReason {
+        match r {
+            crate::admission::Refusal::Denied => RefuseReason::Denied,
+            crate::admission::Refusal::PerSourceLimit => RefuseReason::PerSourceLimit,
+        }
+    }
+}
+
+impl fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RefuseReason::Denied => f.write_str("denied by the access rules"),
+            RefuseReason::PerSourceLimit => f.write_str("per-source connection limit reached"),
+            RefuseReason::Header(HeaderFailure::Malformed(e)) => {
+                write!(f, "bad PROXY header ({e})")
+            }
+            RefuseReason::Header(HeaderFailure::Closed) => {
+                f.write_str("closed before a complete PROXY header")
+            }
+            RefuseReason::Header(HeaderFailure::Timeout) => write!(
+                f,
+                "no complete PROXY header within {} s",
+                HEADER_TIMEOUT.as_secs()
+            ),
+            RefuseReason::Header(HeaderFailure::Untrusted) => {
+                f.write_str("peer not allowed by --proxy-from to send PROXY headers")
+            }
+        }
+    }
+}
+
+/// What reading a PROXY-protocol connection's header gave.
+#[derive(Debug)]
+pub enum HeaderStep {
+    /// Not complete yet: wait for the next readable edge (or the deadline).
+    Waiting,
+    /// Complete: `scratch.read[rest]` are the client's first bytes, to be
+    /// passed to [`Connection::begin_serving`] once admitted.
+    Done {
+        /// The header.
+        header: ProxyHeader,
+        /// Where the client's bytes lie in the shared read buffer.
+        rest: std::ops::Range<usize>,
+    },
+    /// Refused or failed: close for this reason.
+    Failed(CloseReason),
 }
 
 impl fmt::Display for CloseReason {
@@ -142,6 +234,7 @@ impl fmt::Display for CloseReason {
             CloseReason::LineTimeout { after } => {
                 write!(f, "line not completed within {} s", after.as_secs())
             }
+            CloseReason::Refused(why) => write!(f, "refused: {why}"),
         }
     }
 }
@@ -154,6 +247,9 @@ pub enum Status {
     /// Data may remain unread (budget spent, or reading resumed after a
     /// flow-control pause): drive again next turn.
     More,
+    /// The global buffer budget (`--max-buffered`) stopped reading with
+    /// data possibly left: the core drives it again when the budget allows.
+    Rationed,
     /// Remove the connection.
     Close(CloseReason),
 }
@@ -309,9 +405,21 @@ pub struct Connection {
     /// Queued in the core's deferred list: queued at most once per turn,
     /// however many edges and passes ask for it.
     pub queued: bool,
+    /// On a PROXY listener, until the header is complete: the reader and
+    /// the deadline. `Some` is the header phase; nothing is answered in it.
+    header: Option<AwaitingHeader>,
     /// The `--max-connections` slot this connection holds; released when the
     /// connection is dropped, however that happens.
     _slot: Slot,
+}
+
+/// The header phase of a connection on a PROXY listener.
+#[derive(Debug)]
+struct AwaitingHeader {
+    /// The bytes of an incomplete header.
+    reader: HeaderReader,
+    /// When it is refused if still incomplete.
+    due: Instant,
 }
 
 impl Connection {
@@ -336,7 +444,103 @@ impl Connection {
             flow: Flow::Reading,
             totals: Totals::default(),
             queued: false,
+            header: None,
             _slot: slot,
+        }
+    }
+
+    /// Starts the header phase (a PROXY listener): nothing is answered
+    /// until [`read_header`](Self::read_header) gives a header, which must
+    /// come by `due`.
+    pub fn expect_header(&mut self, due: Instant) {
+        self.header = Some(AwaitingHeader {
+            reader: HeaderReader::new(),
+            due,
+        });
+    }
+
+    /// Whether the connection is in its header phase.
+    pub fn awaiting_header(&self) -> bool {
+        self.header.is_some()
+    }
+
+    /// The header deadline, during the header phase.
+    pub fn header_due(&self) -> Option<Instant> {
+        self.header.as_ref().map(|h| h.due)
+    }
+
+    /// Bytes held for this client in user space: unsent replies, the
+    /// unterminated line and an incomplete PROXY header (for the global
+    /// budget, `--max-buffered`).
+    pub fn held(&self) -> usize {
+        self.pending_len()
+            + self.reverser.pending()
+            + self.header.as_ref().map_or(0, |h| h.reader.buffered())
+    }
+
+    /// The header phase's read: reads into the shared buffer and feeds the
+    /// header reader until it has a header, the socket is drained, or the
+    /// bytes can never be a header. The bytes after a complete header are
+    /// left in `scratch.read` for [`begin_serving`](Self::begin_serving).
+    pub fn read_header(&mut self, scratch: &mut Scratch) -> HeaderStep {
+        let refuse = |why| HeaderStep::Failed(CloseReason::Refused(RefuseReason::Header(why)));
+        let Some(waiting) = self.header.as_mut() else {
+            return HeaderStep::Waiting; // not in the header phase: never asked
+        };
+        if !self.ready.readable {
+            return HeaderStep::Waiting;
+        }
+        loop {
+            match self.stream.read(&mut scratch.read) {
+                Ok(0) => return refuse(HeaderFailure::Closed),
+                Ok(n) => match waiting.reader.feed(&scratch.read[..n]) {
+                    Ok(Some((header, start))) => {
+                        self.header = None;
+                        if n < scratch.read.len() && !self.ready.read_past_short {
+                            self.ready.readable = false;
+                        }
+                        return HeaderStep::Done {
+                            header,
+                            rest: start.min(n)..n,
+                        };
+                    }
+                    Ok(None) if n < scratch.read.len() && !self.ready.read_past_short => {
+                        self.ready.readable = false;
+                        return HeaderStep::Waiting;
+                    }
+                    Ok(None) => {}
+                    Err(e) => return refuse(HeaderFailure::Malformed(e)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.ready.readable = false;
+                    self.ready.read_past_short = false;
+                    return HeaderStep::Waiting;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return HeaderStep::Failed(classify(e)),
+            }
+        }
+    }
+
+    /// After an admitted header: the client's first bytes (`rest`, read
+    /// with the header) are answered like any others, into `out`; the core
+    /// then drives the connection as usual, which sends them.
+    pub fn begin_serving(
+        &mut self,
+        rest: &[u8],
+        out: &mut Vec<u8>,
+        now: Instant,
+        line_timeout: Option<Duration>,
+    ) {
+        self.last_active = now;
+        if rest.is_empty() {
+            return;
+        }
+        self.totals.received += rest.len() as u64;
+        let replies = self.reverser.feed(rest, out);
+        self.totals.lines += replies as u64;
+        if let Some(timeout) = line_timeout {
+            self.restart_line_clock(replies > 0, now, timeout);
         }
     }
 
@@ -382,6 +586,12 @@ impl Connection {
     /// last byte moved — or, for a client with replies pending, from the
     /// last time its kernel send queue was seen to shrink.
     pub fn check_deadlines(&mut self, now: Instant, timeouts: Timeouts) -> Deadline {
+        let header_due = self.header_due();
+        if header_due.is_some_and(|due| due <= now) {
+            return Deadline::Expired(CloseReason::Refused(RefuseReason::Header(
+                HeaderFailure::Timeout,
+            )));
+        }
         let line_due = match self.phase {
             Phase::Open => self.line_due(),
             _ => None,
@@ -407,10 +617,13 @@ impl Connection {
                 after,
             });
         }
-        match (idle_due.map(|(due, _)| due), line_due) {
-            (Some(a), Some(b)) => Deadline::Next(a.min(b)),
-            (Some(t), None) | (None, Some(t)) => Deadline::Next(t),
-            (None, None) => Deadline::None,
+        let next = [idle_due.map(|(due, _)| due), line_due, header_due]
+            .into_iter()
+            .flatten()
+            .min();
+        match next {
+            Some(t) => Deadline::Next(t),
+            None => Deadline::None,
         }
     }
 
@@ -469,12 +682,28 @@ impl Connection {
         now: Instant,
         line_timeout: Option<Duration>,
     ) -> Status {
+        self.drive_capped(scratch, now, line_timeout, usize::MAX)
+    }
+
+    /// [`drive`](Self::drive), reading at most `allowance` bytes (the
+    /// global budget's, [`crate::admission::BudgetView::allowance`]): a
+    /// pass stopped by it returns [`Status::Rationed`] rather than
+    /// [`Status::More`], so the core retries it when the budget allows,
+    /// not on every turn.
+    pub fn drive_capped(
+        &mut self,
+        scratch: &mut Scratch,
+        now: Instant,
+        line_timeout: Option<Duration>,
+        allowance: usize,
+    ) -> Status {
         let mut more = false;
+        let mut rationed = false;
         let mut moved = 0;
         let reads = matches!(self.phase, Phase::Open | Phase::Draining { .. });
-        if reads && self.ready.readable && self.flow == Flow::Reading {
-            match self.read_pass(scratch, now, line_timeout) {
-                Ok((m, n)) => (more, moved) = (m, n),
+        if reads && self.ready.readable && self.flow == Flow::Reading && self.header.is_none() {
+            match self.read_pass(scratch, now, line_timeout, allowance) {
+                Ok((m, r, n)) => (more, rationed, moved) = (m, r, n),
                 Err(reason) => {
                     scratch.out.clear();
                     return Status::Close(reason);
@@ -509,20 +738,24 @@ impl Connection {
             },
             Phase::Lingering => self.linger(&mut scratch.read),
             _ if more => Status::More,
+            _ if rationed && self.ready.readable && self.flow == Flow::Reading => Status::Rationed,
             _ => Status::Idle,
         }
     }
 
-    /// Reads until the socket is drained, the budget is spent or flow control
-    /// pauses reading. Returns whether to come back for more, and the bytes
-    /// read.
+    /// Reads until the socket is drained, the budget is spent, flow control
+    /// pauses reading or `allowance` bytes are read. Returns whether to come
+    /// back for more next turn, whether the allowance stopped it, and the
+    /// bytes read.
     fn read_pass(
         &mut self,
         scratch: &mut Scratch,
         now: Instant,
         line_timeout: Option<Duration>,
-    ) -> Result<(bool, usize), CloseReason> {
+        allowance: usize,
+    ) -> Result<(bool, bool, usize), CloseReason> {
         let mut total = 0usize;
+        let mut rationed = false;
         let result = loop {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
                 self.pause(now);
@@ -531,11 +764,17 @@ impl Connection {
             if total >= READ_BUDGET {
                 break Ok(true);
             }
-            // In a shutdown, read no further than what had arrived by then.
+            if total >= allowance {
+                rationed = true;
+                break Ok(false);
+            }
+            // In a shutdown, read no further than what had arrived by then;
+            // never past the budget's allowance.
             let want = match self.phase {
                 Phase::Draining { unread } => unread.min(scratch.read.len()),
                 _ => scratch.read.len(),
-            };
+            }
+            .min(allowance - total);
             match self.stream.read(&mut scratch.read[..want]) {
                 Ok(0) => {
                     self.ready.readable = false;
@@ -578,7 +817,7 @@ impl Connection {
                 Err(e) => break Err(classify(e)),
             }
         };
-        result.map(|more| (more, total))
+        result.map(|more| (more, rationed, total))
     }
 
     /// After a read: the line clock runs from the read that left a new

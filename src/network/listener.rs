@@ -229,6 +229,7 @@ mod tests {
             let addr = ListenAddr {
                 host: host.to_string(),
                 port: 0,
+                proxy: false,
             };
             let at = resolve(&addr).unwrap();
             let listener = match bind(&addr, at, false) {
@@ -257,6 +258,7 @@ mod tests {
         let addr = ListenAddr {
             host: "127.0.0.1".to_string(),
             port: 0,
+            proxy: false,
         };
         let at = resolve(&addr).unwrap();
         let free = probe_free(&addr, at).unwrap();
