@@ -87,6 +87,12 @@ const WARN_INTERVAL: Duration = Duration::from_secs(5);
 /// whether it allows them again (other workers' totals raise no event).
 pub const RATION_TICK: Duration = Duration::from_millis(10);
 
+/// A per-source permit worth keeping: one that counts (a per-source limit
+/// is set); boxed, so a connection without one pays a pointer.
+fn boxed_permit(permit: SourcePermit) -> Option<Box<SourcePermit>> {
+    permit.key().is_some().then(|| Box::new(permit))
+}
+
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -243,24 +249,63 @@ struct Entry {
     /// earlier deadline (a line clock starting) is pushed, a later one waits
     /// until this entry comes due.
     timer_due: Option<Instant>,
+    /// Bytes it held after its last pass (its part of `Core::held`).
+    held: usize,
+    /// In `Core::rationed`.
+    rationed: bool,
+    /// The timeouts in force when it was accepted (a reload changes them
+    /// for new connections only), in whole seconds.
+    timeouts: TimeoutSecs,
+    /// The per-source count this connection holds (released on drop);
+    /// `None` without a per-source limit.
+    _permit: Option<Box<SourcePermit>>,
+    /// Who it is, kept only where something will report it (the access
+    /// log, or a PROXY listener's header): an idle plain connection with
+    /// no access log pays one pointer for it.
+    about: Option<Box<About>>,
+}
+
+/// What is kept of a connection only to report it.
+#[derive(Debug)]
+struct About {
     /// The client's address: the TCP peer, or on a PROXY listener the
     /// header's source once the header is read.
     peer: std::net::SocketAddr,
     /// On a PROXY listener, the balancer's address (the TCP peer).
     proxy: Option<std::net::SocketAddr>,
-    /// The per-source count this connection holds (released on drop).
-    _permit: Option<SourcePermit>,
-    /// Bytes it held after its last pass (its part of `Core::held`).
-    held: usize,
-    /// In `Core::rationed`.
-    rationed: bool,
     /// When it was accepted.
     since: Instant,
     /// The listener it came through.
     listener: Arc<str>,
-    /// The timeouts in force when it was accepted (a reload changes them
-    /// for new connections only).
-    timeouts: Timeouts,
+}
+
+/// [`Timeouts`] in whole seconds (0 = off), as a connection keeps them:
+/// 8 bytes instead of 32 (the options are whole seconds anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TimeoutSecs {
+    /// `--idle-timeout`.
+    idle: u32,
+    /// `--line-timeout`.
+    line: u32,
+}
+
+impl TimeoutSecs {
+    fn of(t: Timeouts) -> TimeoutSecs {
+        let secs =
+            |d: Option<Duration>| d.map_or(0, |d| d.as_secs().clamp(1, u32::MAX as u64) as u32);
+        TimeoutSecs {
+            idle: secs(t.idle),
+            line: secs(t.line),
+        }
+    }
+
+    fn get(self) -> Timeouts {
+        let d = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
+        Timeouts {
+            idle: d(self.idle),
+            line: d(self.line),
+        }
+    }
 }
 
 /// What the control thread (SIGHUP reload) sends a worker; delivered
@@ -617,7 +662,6 @@ impl Core {
         if let (Some((_, m)), Some(counter)) = (&self.observers.metrics, &ls.counter) {
             m.accepted(counter);
         }
-        let listener = ls.name.clone();
         let timeouts = self.limits.timeouts;
         let header_due = proxied.then(|| self.now + HEADER_TIMEOUT);
         let idle_due = timeouts.idle.map(|t| self.now + t);
@@ -631,8 +675,16 @@ impl Core {
             "new connection #{} from {} on {}",
             id,
             peer,
-            listener
+            ls.name
         );
+        let about = (proxied || self.observers.access_log.is_some()).then(|| {
+            Box::new(About {
+                peer,
+                proxy: proxied.then_some(peer),
+                since: self.now,
+                listener: ls.name.clone(),
+            })
+        });
         let mut conn = Connection::new(stream, slot, id, self.limits.max_line, self.now);
         if let Some(due) = header_due {
             conn.expect_header(due);
@@ -640,14 +692,11 @@ impl Core {
         entry.insert(Entry {
             conn,
             timer_due,
-            peer,
-            proxy: proxied.then_some(peer),
-            _permit: permit,
             held: 0,
             rationed: false,
-            since: self.now,
-            listener,
-            timeouts,
+            timeouts: TimeoutSecs::of(timeouts),
+            _permit: permit.and_then(boxed_permit),
+            about,
         });
     }
 
@@ -657,26 +706,28 @@ impl Core {
     fn connection_destroy(&mut self, key: usize, reason: &CloseReason) {
         let entry = self.connections.remove(key);
         self.held -= entry.held;
-        if let CloseReason::Refused(why) = reason {
-            let totals = entry.conn.totals;
-            self.observe_refusal(
-                &entry.listener,
-                entry.peer,
-                entry.proxy,
-                entry.since,
-                totals,
-                *why,
-            );
-        } else {
-            xps_log!(
-                Level::Debug,
-                "xps_connection_destroy()",
-                "closed connection #{} from {}: {}",
-                entry.conn.id,
-                entry.peer,
-                reason
-            );
-            self.observe_close(entry, reason); // drops it: socket and slot go
+        match (reason, &entry.about) {
+            (CloseReason::Refused(why), Some(about)) => {
+                let totals = entry.conn.totals;
+                self.observe_refusal(
+                    &about.listener,
+                    about.peer,
+                    about.proxy,
+                    about.since,
+                    totals,
+                    *why,
+                );
+            }
+            _ => {
+                xps_log!(
+                    Level::Debug,
+                    "xps_connection_destroy()",
+                    "closed connection #{}: {}",
+                    entry.conn.id,
+                    reason
+                );
+                self.observe_close(entry, reason); // drops it: socket and slot go
+            }
         }
         // A freed descriptor or slot may let a paused listener accept again.
         for (_, ls) in &mut self.listeners {
@@ -695,15 +746,15 @@ impl Core {
         if let Some((_, m)) = &self.observers.metrics {
             m.closed(kind);
         }
-        if self.observers.access_log.is_some() {
+        if let (Some(_), Some(about)) = (&self.observers.access_log, entry.about) {
             let totals = entry.conn.totals;
             self.ended.push(Record {
                 time: std::time::SystemTime::now(),
-                listener: entry.listener,
-                client: entry.peer,
-                proxy: entry.proxy,
+                listener: about.listener,
+                client: about.peer,
+                proxy: about.proxy,
                 worker: self.observers.worker,
-                duration: self.now.saturating_duration_since(entry.since),
+                duration: self.now.saturating_duration_since(about.since),
                 received: totals.received,
                 sent: totals.sent,
                 lines: totals.lines,
@@ -787,17 +838,21 @@ impl Core {
                 false
             }
             HeaderStep::Done { header, rest } => {
-                let client = client_of(&header, entry.peer);
+                // A PROXY listener's connections always keep `about`.
+                let Some(about) = entry.about.as_mut() else {
+                    return true;
+                };
+                let client = client_of(&header, about.peer);
                 xps_log!(
                     Level::Debug,
                     "xps_connection_create()",
                     "connection #{} from {}: PROXY v{} header, client {}",
                     entry.conn.id,
-                    entry.peer,
+                    about.peer,
                     header.version,
                     client
                 );
-                entry.peer = client;
+                about.peer = client;
                 match self.admit(client) {
                     Err(why) => {
                         self.connection_destroy(key, &CloseReason::Refused(why));
@@ -805,9 +860,9 @@ impl Core {
                     }
                     Ok(permit) => {
                         let entry = &mut self.connections[key];
-                        entry._permit = Some(permit);
+                        entry._permit = boxed_permit(permit);
                         let scratch = &mut self.scratch;
-                        let line_timeout = entry.timeouts.line;
+                        let line_timeout = entry.timeouts.get().line;
                         entry.conn.begin_serving(
                             &scratch.read[rest],
                             &mut scratch.out,
@@ -861,7 +916,12 @@ impl Core {
         let entry = &mut self.connections[key];
         let conn = &mut entry.conn;
         let allowance = self.budget_view.allowance(self.held, entry.held);
-        let status = conn.drive_capped(&mut self.scratch, self.now, entry.timeouts.line, allowance);
+        let status = conn.drive_capped(
+            &mut self.scratch,
+            self.now,
+            entry.timeouts.get().line,
+            allowance,
+        );
         self.tally.add(conn.totals.since(before));
         let held = conn.held();
         self.held = self.held - entry.held + held;
@@ -1002,7 +1062,7 @@ impl Core {
             if entry.timer_due != Some(deadline) {
                 continue; // superseded by an earlier entry, already handled
             }
-            match entry.conn.check_deadlines(self.now, entry.timeouts) {
+            match entry.conn.check_deadlines(self.now, entry.timeouts.get()) {
                 Deadline::Expired(reason) => self.connection_destroy(key, &reason),
                 Deadline::Next(due) => {
                     entry.timer_due = Some(due);
@@ -1182,6 +1242,14 @@ fn client_of(header: &ProxyHeader, peer: std::net::SocketAddr) -> std::net::Sock
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_connection_costs_at_most_256_bytes_in_the_slab() {
+        // The slab entry (the connection and what the core keeps beside it)
+        // of a plain idle connection: the per-connection user-space cost.
+        let size = std::mem::size_of::<Entry>();
+        assert!(size <= 256, "Entry is {size} bytes");
+    }
 
     #[test]
     fn tokens_decode_to_what_encoded_them() {

@@ -246,3 +246,27 @@ fn sighup_without_a_config_only_reopens_the_access_log() {
     ));
     round_trip(server.port(), "alive");
 }
+
+#[test]
+fn a_reload_changes_the_access_rules_for_new_connections() {
+    let p = free_port();
+    let path = temp_file("xps.json", &config(&[p], ""));
+    let mut server = Server::start(&[path.to_str().unwrap()], 1);
+    let mut old = connect(p);
+    write(&path, &config(&[p], r#""access":[{"deny":"all"}],"#));
+    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    // A new connection is refused: closed before anything is read.
+    let mut new = connect(p);
+    let _ = new.write_all(b"hello\n");
+    let mut b = [0u8; 8];
+    assert!(
+        matches!(new.read(&mut b), Ok(0) | Err(_)),
+        "a connection accepted after the reload to deny all was served"
+    );
+    // The one accepted before the reload is still served.
+    old.write_all(b"old\n").unwrap();
+    assert_eq!(read_exact_n(&mut old, 4), b"dlo\n");
+    write(&path, &config(&[p], ""));
+    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    round_trip(p, "allowed again");
+}

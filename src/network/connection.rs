@@ -274,7 +274,7 @@ pub enum Phase {
     /// reached the kernel when it began (`FIONREAD` then), answer them.
     Draining {
         /// Bytes of that count not read yet.
-        unread: usize,
+        unread: u32,
     },
     /// Nothing more will be read. Once every reply is sent, `then` says what
     /// follows.
@@ -407,7 +407,7 @@ pub struct Connection {
     pub queued: bool,
     /// On a PROXY listener, until the header is complete: the reader and
     /// the deadline. `Some` is the header phase; nothing is answered in it.
-    header: Option<AwaitingHeader>,
+    header: Option<Box<AwaitingHeader>>,
     /// The `--max-connections` slot this connection holds; released when the
     /// connection is dropped, however that happens.
     _slot: Slot,
@@ -453,10 +453,10 @@ impl Connection {
     /// until [`read_header`](Self::read_header) gives a header, which must
     /// come by `due`.
     pub fn expect_header(&mut self, due: Instant) {
-        self.header = Some(AwaitingHeader {
+        self.header = Some(Box::new(AwaitingHeader {
             reader: HeaderReader::new(),
             due,
-        });
+        }));
     }
 
     /// Whether the connection is in its header phase.
@@ -651,7 +651,9 @@ impl Connection {
         }
         self.line = LineClock::Clear;
         let unread = unread_bytes(&self.stream);
-        self.phase = Phase::Draining { unread };
+        self.phase = Phase::Draining {
+            unread: unread as u32,
+        };
         if unread == 0 {
             let mut out = Vec::new();
             self.end_drain(&mut out);
@@ -771,7 +773,7 @@ impl Connection {
             // In a shutdown, read no further than what had arrived by then;
             // never past the budget's allowance.
             let want = match self.phase {
-                Phase::Draining { unread } => unread.min(scratch.read.len()),
+                Phase::Draining { unread } => (unread as usize).min(scratch.read.len()),
                 _ => scratch.read.len(),
             }
             .min(allowance - total);
@@ -797,7 +799,7 @@ impl Connection {
                         self.restart_line_clock(replies > 0, now, timeout);
                     }
                     if let Phase::Draining { unread } = &mut self.phase {
-                        *unread -= n;
+                        *unread -= n as u32;
                         if *unread == 0 {
                             self.end_drain(&mut scratch.out);
                             break Ok(false);
