@@ -249,8 +249,9 @@ struct Entry {
     /// earlier deadline (a line clock starting) is pushed, a later one waits
     /// until this entry comes due.
     timer_due: Option<Instant>,
-    /// Bytes it held after its last pass (its part of `Core::held`).
-    held: usize,
+    /// Bytes it held after its last pass (its part of `Core::held`); below
+    /// 4 GiB (1 MiB of replies plus one pass, `--max-line`, a header).
+    held: u32,
     /// In `Core::rationed`.
     rationed: bool,
     /// The timeouts in force when it was accepted (a reload changes them
@@ -350,9 +351,10 @@ pub struct Core {
     next_id: u64,
     /// The time of the current wake-up (read once per turn, in `woke`).
     now: Instant,
-    /// Deadlines: (deadline, slab key, connection id), earliest first.
+    /// Deadlines: (deadline, slab key), earliest first; an entry counts only
+    /// while it equals its connection's `Entry::timer_due`.
     /// The loop is woken for the earliest by `timer`.
-    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Fires at the earliest deadline (`None` without any timeout, or if it
     /// could not be armed: then deadlines shorten the wait instead).
     timer: Option<LoopTimer>,
@@ -377,6 +379,8 @@ pub struct Core {
     control: Option<std::sync::mpsc::Receiver<CoreMsg>>,
     /// What moved this turn, added to the metrics once per turn.
     tally: Totals,
+    /// Flow-control pauses this turn, likewise.
+    tally_pauses: u32,
     /// Access-log records of connections that ended this turn, sent to the
     /// writer once per turn.
     ended: Vec<Record>,
@@ -427,6 +431,7 @@ impl Core {
             observers,
             control,
             tally: Totals::default(),
+            tally_pauses: 0,
             ended: Vec::new(),
             admission: Admission::default(),
             held: 0,
@@ -667,7 +672,7 @@ impl Core {
         let idle_due = timeouts.idle.map(|t| self.now + t);
         let timer_due = [idle_due, header_due].into_iter().flatten().min();
         if let Some(due) = timer_due {
-            self.timers.push(Reverse((due, key, id)));
+            self.timers.push(Reverse((due, key)));
         }
         xps_log!(
             Level::Debug,
@@ -705,7 +710,7 @@ impl Core {
     /// and its slot.
     fn connection_destroy(&mut self, key: usize, reason: &CloseReason) {
         let entry = self.connections.remove(key);
-        self.held -= entry.held;
+        self.held -= entry.held as usize;
         match (reason, &entry.about) {
             (CloseReason::Refused(why), Some(about)) => {
                 let totals = entry.conn.totals;
@@ -829,8 +834,8 @@ impl Core {
         match step {
             HeaderStep::Waiting => {
                 let held = entry.conn.held();
-                self.held = self.held - entry.held + held;
-                entry.held = held;
+                self.held = self.held - entry.held as usize + held;
+                entry.held = held.min(u32::MAX as usize) as u32;
                 false
             }
             HeaderStep::Failed(reason) => {
@@ -894,7 +899,7 @@ impl Core {
             if t.lines > 0 {
                 m.lines(t.lines);
             }
-            for _ in 0..t.pauses {
+            for _ in 0..std::mem::take(&mut self.tally_pauses) {
                 m.flow_pause();
             }
         }
@@ -910,12 +915,13 @@ impl Core {
         debug_assert!(self.scratch.out.is_empty());
         self.scratch.out.clear();
         let before = entry.conn.totals;
+        let pauses_before = entry.conn.pauses;
         if entry.conn.awaiting_header() && !self.drive_header(key) {
             return;
         }
         let entry = &mut self.connections[key];
         let conn = &mut entry.conn;
-        let allowance = self.budget_view.allowance(self.held, entry.held);
+        let allowance = self.budget_view.allowance(self.held, entry.held as usize);
         let status = conn.drive_capped(
             &mut self.scratch,
             self.now,
@@ -923,9 +929,12 @@ impl Core {
             allowance,
         );
         self.tally.add(conn.totals.since(before));
+        self.tally_pauses = self
+            .tally_pauses
+            .wrapping_add(conn.pauses.wrapping_sub(pauses_before));
         let held = conn.held();
-        self.held = self.held - entry.held + held;
-        entry.held = held;
+        self.held = self.held - entry.held as usize + held;
+        entry.held = held.min(u32::MAX as usize) as u32;
         match status {
             Status::Idle => {}
             Status::More => {
@@ -948,7 +957,7 @@ impl Core {
             && entry.timer_due.is_none_or(|t| due < t)
         {
             entry.timer_due = Some(due);
-            self.timers.push(Reverse((due, key, conn.id)));
+            self.timers.push(Reverse((due, key)));
         }
     }
 
@@ -996,7 +1005,7 @@ impl Core {
             let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
                 continue; // closed since
             };
-            if self.budget_view.allowance(self.held, entry.held) == 0 {
+            if self.budget_view.allowance(self.held, entry.held as usize) == 0 {
                 self.rationed.push((key, id)); // not yet
                 continue;
             }
@@ -1051,22 +1060,26 @@ impl Core {
     /// again with its real deadline. So each connection costs at most one
     /// heap operation per timeout period, and nothing scans every connection.
     fn expire_deadlines(&mut self) {
-        while let Some(&Reverse((deadline, key, id))) = self.timers.peek() {
+        while let Some(&Reverse((deadline, key))) = self.timers.peek() {
             if deadline > self.now {
                 break;
             }
             self.timers.pop();
-            let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
+            let Some(entry) = self.connections.get_mut(key) else {
                 continue; // closed since
             };
+            // An entry is live only while it is the connection's recorded
+            // deadline: one left by a closed connection (its key reused) or
+            // superseded by an earlier one is skipped. Even a false match
+            // would be harmless: the connection's own clocks decide.
             if entry.timer_due != Some(deadline) {
-                continue; // superseded by an earlier entry, already handled
+                continue;
             }
             match entry.conn.check_deadlines(self.now, entry.timeouts.get()) {
                 Deadline::Expired(reason) => self.connection_destroy(key, &reason),
                 Deadline::Next(due) => {
                     entry.timer_due = Some(due);
-                    self.timers.push(Reverse((due, key, id)));
+                    self.timers.push(Reverse((due, key)));
                 }
                 Deadline::None => entry.timer_due = None,
             }
@@ -1076,8 +1089,7 @@ impl Core {
 
     /// Arms the timerfd for the earliest deadline.
     fn arm_timer(&mut self) {
-        if let (Some(timer), Some(Reverse((deadline, _, _)))) =
-            (&mut self.timer, self.timers.peek())
+        if let (Some(timer), Some(Reverse((deadline, _)))) = (&mut self.timer, self.timers.peek())
             && let Err(e) = timer.arm_at(*deadline, self.now)
         {
             xps_log!(
@@ -1093,7 +1105,7 @@ impl Core {
         let live: Vec<_> = self
             .connections
             .iter()
-            .filter_map(|(key, e)| e.timer_due.map(|t| Reverse((t, key, e.conn.id))))
+            .filter_map(|(key, e)| e.timer_due.map(|t| Reverse((t, key))))
             .collect();
         self.timers = BinaryHeap::from(live);
     }
@@ -1151,7 +1163,7 @@ impl Core {
         };
         // Deadlines wake the loop through `timer`; only without one (it
         // could not be armed) do they shorten the wait.
-        if let (None, Some(Reverse((t, _, _)))) = (&self.timer, self.timers.peek()) {
+        if let (None, Some(Reverse((t, _)))) = (&self.timer, self.timers.peek()) {
             earliest(*t);
         }
         let at_cap = self.shared.slots.full();

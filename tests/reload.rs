@@ -113,6 +113,8 @@ fn a_reload_changes_the_idle_timeout_for_new_connections() {
     let path = temp_file("xps.json", &config(&[p], r#""idle_timeout":0,"#));
     let mut server = Server::start(&[path.to_str().unwrap()], 1);
     let mut old = connect(p);
+    old.write_all(b"first\n").unwrap(); // accepted (and served) before the reload
+    assert_eq!(read_exact_n(&mut old, 6), b"tsrif\n");
     write(&path, &config(&[p], r#""idle_timeout":1,"#));
     let line = reload(&mut server);
     assert!(line.ends_with("listeners +0 -0"), "{line}");
@@ -253,6 +255,8 @@ fn a_reload_changes_the_access_rules_for_new_connections() {
     let path = temp_file("xps.json", &config(&[p], ""));
     let mut server = Server::start(&[path.to_str().unwrap()], 1);
     let mut old = connect(p);
+    old.write_all(b"first\n").unwrap(); // accepted (and served) before the reload
+    assert_eq!(read_exact_n(&mut old, 6), b"tsrif\n");
     write(&path, &config(&[p], r#""access":[{"deny":"all"}],"#));
     assert!(reload(&mut server).ends_with("listeners +0 -0"));
     // A new connection is refused: closed before anything is read.

@@ -348,8 +348,6 @@ pub struct Totals {
     pub sent: u64,
     /// Replies appended (lines and overlong segments).
     pub lines: u64,
-    /// Times flow control paused reading.
-    pub pauses: u64,
 }
 
 impl Totals {
@@ -359,7 +357,6 @@ impl Totals {
             received: self.received - earlier.received,
             sent: self.sent - earlier.sent,
             lines: self.lines - earlier.lines,
-            pauses: self.pauses - earlier.pauses,
         }
     }
 
@@ -368,7 +365,6 @@ impl Totals {
         self.received += other.received;
         self.sent += other.sent;
         self.lines += other.lines;
-        self.pauses += other.pauses;
     }
 }
 
@@ -384,8 +380,9 @@ pub struct Connection {
     reverser: LineReverser,
     /// Replies the socket has not taken yet, from `sent` on.
     pending: Vec<u8>,
-    /// How much of `pending` is already sent.
-    sent: usize,
+    /// How much of `pending` is already sent (`pending` stays far below
+    /// 4 GiB: flow control stops reading at 1 MiB).
+    sent: u32,
     /// The kernel's send queue (`TIOCOUTQ`) when the socket last refused
     /// bytes; a smaller queue later means the client read (slow-reader
     /// progress that raises no epoll event).
@@ -402,6 +399,8 @@ pub struct Connection {
     flow: Flow,
     /// Bytes and replies moved so far.
     pub totals: Totals,
+    /// Times flow control paused reading (for the metrics; wraps).
+    pub pauses: u32,
     /// Queued in the core's deferred list: queued at most once per turn,
     /// however many edges and passes ask for it.
     pub queued: bool,
@@ -443,6 +442,7 @@ impl Connection {
             phase: Phase::Open,
             flow: Flow::Reading,
             totals: Totals::default(),
+            pauses: 0,
             queued: false,
             header: None,
             _slot: slot,
@@ -565,7 +565,7 @@ impl Connection {
 
     /// Bytes of replies waiting for the socket.
     pub fn pending_len(&self) -> usize {
-        self.pending.len() - self.sent
+        self.pending.len() - self.sent as usize
     }
 
     /// Whether replies are waiting for the socket.
@@ -836,7 +836,7 @@ impl Connection {
     /// Flow control stops reading; the line clock stops with it.
     fn pause(&mut self, now: Instant) {
         self.flow = Flow::Paused;
-        self.totals.pauses += 1;
+        self.pauses = self.pauses.wrapping_add(1);
         if let LineClock::Running { due } = self.line {
             self.line = LineClock::Stopped {
                 left: due.saturating_duration_since(now),
@@ -891,7 +891,7 @@ impl Connection {
         } else {
             if !scratch.out.is_empty() {
                 if self.sent > 0 {
-                    self.pending.drain(..self.sent);
+                    self.pending.drain(..self.sent as usize);
                     self.sent = 0;
                 }
                 self.pending.extend_from_slice(&scratch.out);
@@ -901,11 +901,11 @@ impl Connection {
             }
             let n = write_once(
                 &mut self.stream,
-                &self.pending[self.sent..],
+                &self.pending[self.sent as usize..],
                 &mut self.ready.writable,
             )?;
-            self.sent += n;
-            if self.sent == self.pending.len() {
+            self.sent += n as u32;
+            if self.sent as usize == self.pending.len() {
                 self.pending.clear();
                 self.sent = 0;
                 if self.pending.capacity() > KEEP_CAPACITY {
