@@ -331,6 +331,9 @@ pub struct Reconfigure {
     pub rules: Arc<AccessRules>,
     /// Trusted PROXY peers from now on (`None` = any).
     pub proxy_from: Option<Arc<AccessRules>>,
+    /// Told once the worker has applied it (its removed listeners are
+    /// closed), so the next reload can bind their addresses again.
+    pub applied: std::sync::mpsc::Sender<()>,
 }
 
 /// One worker: its listeners, its connections, its timers.
@@ -512,6 +515,7 @@ impl Core {
             self.limits = r.limits;
             self.admission.rules = r.rules;
             self.admission.proxy_from = r.proxy_from;
+            let _ = r.applied.send(());
         }
     }
 

@@ -15,17 +15,6 @@ use socket2::{Domain, Socket, Type};
 
 // ─── helpers ────────────────────────────────────────────────────────────────
 
-/// The metrics port a server logged.
-fn metrics_port(server: &Server) -> u16 {
-    server
-        .log
-        .iter()
-        .find_map(|l| l.split("metrics on http://127.0.0.1:").nth(1))
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics line in {:?}", server.log))
-}
-
 fn scrape(port: u16) -> String {
     let mut s = connect(port);
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -232,7 +221,7 @@ fn v1_and_v2_headers_with_the_first_line_in_the_same_segment_are_answered() {
             "{rec}"
         );
     }
-    let m = scrape(metrics_port(&server));
+    let m = scrape(server.metrics_port());
     assert_eq!(
         sample(&m, "xps_connections_closed_total{reason=\"finished\"}"),
         5.0
@@ -279,7 +268,7 @@ fn a_header_that_never_completes_is_refused_after_5_s() {
         "closed after {after:?}"
     );
     assert!(closed_unanswered(&mut silent, Duration::from_secs(2)));
-    let m = scrape(metrics_port(&server));
+    let m = scrape(server.metrics_port());
     assert_eq!(refused(&m, "proxy_header"), 2.0);
     assert_eq!(sample(&m, "xps_connections_open"), 0.0);
 }
@@ -303,7 +292,7 @@ fn garbage_instead_of_a_header_and_eof_mid_header_are_refused_at_once() {
     s.write_all(b"PROXY TCP4 1.2.3.4").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
     assert!(closed_unanswered(&mut s, Duration::from_secs(2)));
-    let m = scrape(metrics_port(&server));
+    let m = scrape(server.metrics_port());
     assert_eq!(refused(&m, "proxy_header"), 4.0);
     assert!(server.wait_log("bad PROXY header", Duration::from_secs(2)));
     assert!(server.wait_log(
@@ -321,7 +310,7 @@ fn proxy_from_refuses_untrusted_peers_and_admits_trusted_ones() {
     let untrusted = proxy_server(&["--proxy-from", "10.0.0.0/8", "--metrics", "127.0.0.1:0"]);
     let mut s = connect(untrusted.port());
     assert!(closed_unanswered(&mut s, Duration::from_secs(2)));
-    let m = scrape(metrics_port(&untrusted));
+    let m = scrape(untrusted.metrics_port());
     assert_eq!(refused(&m, "proxy_header"), 1.0);
 
     let trusted = proxy_server(&["--proxy-from", "10.0.0.0/8", "--proxy-from", "127.0.0.1"]);
@@ -354,7 +343,7 @@ fn allow_then_deny_all_serves_the_allowed_address_only() {
     let mut denied = connect_from("127.0.0.2", port);
     let from = denied.local_addr().unwrap();
     assert!(closed_unanswered(&mut denied, Duration::from_secs(2)));
-    let m = scrape(metrics_port(&server));
+    let m = scrape(server.metrics_port());
     assert_eq!(refused(&m, "denied"), 1.0);
     let records = access_log(&log, 1);
     assert!(
@@ -369,7 +358,7 @@ fn deny_a_network_refuses_its_clients_before_reading() {
     let server = Server::start_n(1, &["--deny", "127.0.0.0/8", "--metrics", "127.0.0.1:0"]);
     let mut s = connect(server.port());
     assert!(closed_unanswered(&mut s, Duration::from_secs(2)));
-    let m = scrape(metrics_port(&server));
+    let m = scrape(server.metrics_port());
     assert_eq!(refused(&m, "denied"), 1.0);
     assert_eq!(sample(&m, "xps_received_bytes_total"), 0.0);
 }
@@ -428,7 +417,7 @@ fn the_per_source_limit_counts_over_two_workers() {
     assert_served(&mut other, "another source");
     // Closing one frees a place for the source.
     drop(held.pop());
-    let mport = metrics_port(&server);
+    let mport = server.metrics_port();
     wait_for(
         || sample(&scrape(mport), "xps_connections_open") == 3.0,
         "the closed connection to be counted",
@@ -462,7 +451,7 @@ fn the_per_source_limit_sees_the_proxy_client() {
         .unwrap();
     assert!(closed_unanswered(&mut c, Duration::from_secs(2)));
     assert_eq!(
-        refused(&scrape(metrics_port(&server)), "per_source_limit"),
+        refused(&scrape(server.metrics_port()), "per_source_limit"),
         1.0
     );
 }

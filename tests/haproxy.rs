@@ -41,14 +41,6 @@ impl Drop for Haproxy {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(front: u16, a: u16, b: u16) -> String {
     format!(
         r#"global

@@ -10,17 +10,6 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The metrics port a server logged.
-fn metrics_port(server: &Server) -> u16 {
-    server
-        .log
-        .iter()
-        .find_map(|l| l.split("metrics on http://127.0.0.1:").nth(1))
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics line in {:?}", server.log))
-}
-
 /// One HTTP request; returns (status line, body).
 fn http(port: u16, request: &[u8]) -> (String, String) {
     let mut s = connect(port);
@@ -93,7 +82,7 @@ fn check_session_metrics(workers: &str) {
         ],
     );
     let port = server.port();
-    let mport = metrics_port(&server);
+    let mport = server.metrics_port();
     scripted_session(port);
     let listener = format!("127.0.0.1:{port}");
     // Metrics are added once per loop turn: wait until the last close shows.
@@ -205,7 +194,7 @@ fn promtool_accepts(text: &str) {
 #[test]
 fn the_endpoint_answers_404_and_400_and_survives_a_flood() {
     let server = Server::start_n(1, &["--metrics", "127.0.0.1:0"]);
-    let mport = metrics_port(&server);
+    let mport = server.metrics_port();
     let (status, _) = http(mport, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     let (status, _) = http(mport, b"garbage\r\n\r\n");

@@ -12,15 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A port nothing listens on right now (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(ports: &[u16], extra: &str) -> String {
     let listeners: Vec<String> = ports
         .iter()
@@ -176,12 +167,7 @@ fn a_bad_reload_changes_nothing() {
     write(&path, &config(&[p, other], ""));
     assert!(reload(&mut server).ends_with("listeners +1 -0"));
     round_trip(other, "now");
-    let mport: u16 = server
-        .log
-        .iter()
-        .find_map(|l| l.split("metrics on http://127.0.0.1:").nth(1))
-        .and_then(|r| r.split('/').next()?.parse().ok())
-        .unwrap();
+    let mport = server.metrics_port();
     let mut s = connect(mport);
     s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut body = String::new();

@@ -17,7 +17,6 @@ mod common;
 use common::*;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -200,15 +199,6 @@ fn socket_activate_tool() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
         .map(|d| d.join("systemd-socket-activate"))
         .find(|p| p.is_file())
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `systemd-socket-activate`, then xps in its place; killed on drop.

@@ -153,6 +153,8 @@ impl Reloader {
         let limits = limits_of(&new);
         let rules = Arc::new(new.access.clone());
         let proxy_from = crate::server::proxy_rules(&new);
+        let (applied, acks) = std::sync::mpsc::channel();
+        let mut sent = 0;
         for (link, add) in self.workers.iter().zip(opened.per_worker) {
             let msg = CoreMsg::Reconfigure(Reconfigure {
                 add,
@@ -160,9 +162,23 @@ impl Reloader {
                 limits,
                 rules: rules.clone(),
                 proxy_from: proxy_from.clone(),
+                applied: applied.clone(),
             });
             if link.tx.send(msg).is_ok() {
                 let _ = link.waker.wake();
+                sent += 1;
+            }
+        }
+        // Wait until every worker has applied it (a loop answers within
+        // microseconds; a shutting-down one may never): only then are the
+        // removed listeners closed, so that a reload right after this one
+        // can bind their addresses again.
+        for _ in 0..sent {
+            if acks
+                .recv_timeout(std::time::Duration::from_secs(2))
+                .is_err()
+            {
+                break;
             }
         }
         self.slots.set_max(new.max_connections);

@@ -86,6 +86,16 @@ impl Server {
         self.ports[0]
     }
 
+    /// The port of the metrics endpoint it logged (`--metrics 127.0.0.1:0`).
+    pub fn metrics_port(&self) -> u16 {
+        self.log
+            .iter()
+            .find_map(|l| l.split("metrics on http://127.0.0.1:").nth(1))
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics line in {:?}", self.log))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -302,4 +312,13 @@ pub fn server_rx_queue(server_port: u16, client_port: u16) -> Option<u64> {
         }
         u64::from_str_radix(f[4].split(':').nth(1)?, 16).ok()
     })
+}
+
+/// A loopback port nothing listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
