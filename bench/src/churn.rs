@@ -87,8 +87,13 @@ impl Exchange {
             }
         }
         if let Phase::Header(mut off) = self.phase {
+            // Header and first line in one write (one segment), as a
+            // balancer that already has the client's first bytes sends
+            // them (HAProxy puts the header in the same send).
+            let line = pats.line(self.pattern);
             while off < header.len() {
-                match self.s.write(&header[off..]) {
+                let parts = [io::IoSlice::new(&header[off..]), io::IoSlice::new(line)];
+                match self.s.write_vectored(&parts) {
                     Ok(0) => return Err("write returned 0".into()),
                     Ok(n) => off += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -99,7 +104,8 @@ impl Exchange {
                     Err(e) => return Err(format!("write: {e}")),
                 }
             }
-            self.phase = Phase::Sending(0);
+            // What went past the header was the line's start.
+            self.phase = Phase::Sending(off - header.len());
         }
         if let Phase::Sending(mut off) = self.phase {
             let line = pats.line(self.pattern);
