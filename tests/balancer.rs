@@ -26,15 +26,6 @@ fn scrape(port: u16) -> String {
         .unwrap()
 }
 
-/// The value of one sample line (`name{labels}` exactly as written).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 fn refused(text: &str, reason: &str) -> f64 {
     sample(
         text,

@@ -29,15 +29,6 @@ fn scrape(port: u16) -> String {
     body
 }
 
-/// The value of one sample line (`name{labels}` exactly as written).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 /// The scripted session: 3 clients that send 2 lines and half-close, one
 /// that sends a line, reads it and resets, one that stays silent until
 /// the 1 s idle timeout. Returns when all five are closed.

@@ -322,3 +322,13 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The value of one sample line of a Prometheus exposition (`name{labels}`
+/// exactly as written).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
