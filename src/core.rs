@@ -519,15 +519,12 @@ impl Core {
         }
     }
 
-    /// Applies SPEC §6's admission (the default admits everyone). With a
-    /// PROXY listener the header deadline needs the timer, even when no
-    /// other timeout is on.
-    pub fn with_admission(mut self, admission: Admission) -> io::Result<Core> {
+    /// Applies SPEC §6's admission (the default admits everyone). The
+    /// header deadline of PROXY listeners uses the timer, which every core
+    /// has.
+    pub fn with_admission(mut self, admission: Admission) -> Core {
         self.admission = admission;
-        if self.timer.is_none() && self.listeners.iter().any(|(_, ls)| ls.proxy) {
-            self.timer = Some(LoopTimer::create(&self.handle, Target::Timer.token())?);
-        }
-        Ok(self)
+        self
     }
 
     /// Access rules, then the per-source permit, for `client`.
@@ -756,20 +753,41 @@ impl Core {
             m.closed(kind);
         }
         if let (Some(_), Some(about)) = (&self.observers.access_log, entry.about) {
-            let totals = entry.conn.totals;
-            self.ended.push(Record {
-                time: std::time::SystemTime::now(),
-                listener: about.listener,
-                client: about.peer,
-                proxy: about.proxy,
-                worker: self.observers.worker,
-                duration: self.now.saturating_duration_since(about.since),
-                received: totals.received,
-                sent: totals.sent,
-                lines: totals.lines,
-                end: kind.label(),
-            });
+            let a = *about;
+            self.log_end(
+                a.listener,
+                a.peer,
+                a.proxy,
+                a.since,
+                entry.conn.totals,
+                kind.label(),
+            );
         }
+    }
+
+    /// Queues the access-log record of a connection that ended (sent to the
+    /// writer with the rest of this turn's, in `flush_tally`).
+    fn log_end(
+        &mut self,
+        listener: Arc<str>,
+        client: std::net::SocketAddr,
+        proxy: Option<std::net::SocketAddr>,
+        since: Instant,
+        totals: Totals,
+        end: &'static str,
+    ) {
+        self.ended.push(Record {
+            time: std::time::SystemTime::now(),
+            listener,
+            client,
+            proxy,
+            worker: self.observers.worker,
+            duration: self.now.saturating_duration_since(since),
+            received: totals.received,
+            sent: totals.sent,
+            lines: totals.lines,
+            end,
+        });
     }
 
     /// Reports a refused connection (SPEC §6): the refusal counter, the
@@ -788,18 +806,14 @@ impl Core {
             m.refused(why.kind());
         }
         if self.observers.access_log.is_some() {
-            self.ended.push(Record {
-                time: std::time::SystemTime::now(),
-                listener: listener.clone(),
+            self.log_end(
+                listener.clone(),
                 client,
                 proxy,
-                worker: self.observers.worker,
-                duration: self.now.saturating_duration_since(since),
-                received: totals.received,
-                sent: totals.sent,
-                lines: totals.lines,
-                end: why.kind().label(),
-            });
+                since,
+                totals,
+                why.kind().label(),
+            );
         }
         xps_log!(
             Level::Debug,

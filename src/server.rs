@@ -291,8 +291,8 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
             observers,
             Some(rx),
         )
-        .and_then(|core| core.with_admission(admission.clone()))
-        .map_err(|e| fatal("epoll_ctl(listener)", e))?;
+        .map_err(|e| fatal("epoll_ctl(listener)", e))?
+        .with_admission(admission.clone());
         loops.push((event_loop, core));
     }
     // Every listener of every worker is open: now say so.

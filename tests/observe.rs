@@ -214,6 +214,11 @@ fn the_endpoint_answers_404_and_400_and_survives_a_flood() {
         assert!(body.contains("xps_received_bytes_total"));
         thread::sleep(Duration::from_millis(100));
     }
+    // The flooder never reads: flow control has paused it, and says so.
+    wait_for(
+        || sample(&scrape(mport), "xps_flow_control_pauses_total") >= 1.0,
+        "a flow-control pause counted",
+    );
     let _ = c.shutdown(std::net::Shutdown::Both); // unblocks the writer
     let _ = flood.join();
 }

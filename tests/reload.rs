@@ -260,3 +260,21 @@ fn a_reload_changes_the_access_rules_for_new_connections() {
     assert!(reload(&mut server).ends_with("listeners +0 -0"));
     round_trip(p, "allowed again");
 }
+
+#[test]
+fn a_change_of_workers_is_named_and_waits_for_a_restart() {
+    let p = free_port();
+    let path = temp_file("xps.json", &config(&[p], r#""workers":1,"#));
+    let mut server = Server::start(&[path.to_str().unwrap()], 1);
+    write(&path, &config(&[p], r#""workers":2,"#));
+    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    assert!(
+        server.wait_log(
+            "workers (1 -> 2) changed: takes effect at the next restart",
+            Duration::from_secs(2)
+        ),
+        "{:?}",
+        server.drain_log()
+    );
+    round_trip(p, "one worker still");
+}
