@@ -861,9 +861,12 @@ impl Core {
                 false
             }
             HeaderStep::Done { header, rest } => {
-                // A PROXY listener's connections always keep `about`.
+                // A PROXY listener's connections always keep `about`
+                // (connection_create); without it nothing could be admitted.
                 let Some(about) = entry.about.as_mut() else {
-                    return true;
+                    debug_assert!(false, "a PROXY connection without `about`");
+                    self.connection_destroy(key, &CloseReason::Shutdown);
+                    return false;
                 };
                 let client = client_of(&header, about.peer);
                 xps_log!(
