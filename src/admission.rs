@@ -153,34 +153,52 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use crate::network::proxy_header::HeaderFailure;
+
 // ---------------------------------------------------------------------------
 // Refusal reasons
 // ---------------------------------------------------------------------------
 
-/// Why admission closed a connection. The label is the `reason` the access
-/// log and the refusal counters use (SPEC §5, §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Why a connection was turned away before it was served (SPEC §6). The
+/// label is the `reason` the access log and the refusal counters use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// An access rule denied the client address.
     Denied,
     /// The client's source already holds `--max-connections-per-source`
     /// connections.
     PerSourceLimit,
+    /// The PROXY header was not received as it must be.
+    ProxyHeader(HeaderFailure),
 }
 
 impl Refusal {
-    /// The reason as logged and counted: `denied` or `per_source_limit`.
-    pub fn label(self) -> &'static str {
+    /// Every label, in the order of [`index`](Self::index).
+    pub const LABELS: [&'static str; 3] = ["denied", "per_source_limit", "proxy_header"];
+
+    /// The reason's place in [`LABELS`](Self::LABELS) (a counter's index).
+    pub fn index(self) -> usize {
         match self {
-            Refusal::Denied => "denied",
-            Refusal::PerSourceLimit => "per_source_limit",
+            Refusal::Denied => 0,
+            Refusal::PerSourceLimit => 1,
+            Refusal::ProxyHeader(_) => 2,
         }
+    }
+
+    /// The reason as logged and counted: `denied`, `per_source_limit` or
+    /// `proxy_header`.
+    pub fn label(self) -> &'static str {
+        Self::LABELS[self.index()]
     }
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
+        match self {
+            Refusal::Denied => f.write_str("denied by the access rules"),
+            Refusal::PerSourceLimit => f.write_str("per-source connection limit reached"),
+            Refusal::ProxyHeader(why) => why.fmt(f),
+        }
     }
 }
 
@@ -362,6 +380,22 @@ impl AccessRules {
     /// The rules, in order (for `--check` and the start-up log).
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// `--proxy-from A --proxy-from B` as rules: allow A, allow B, deny all;
+    /// `None` (no scope given) = any peer may send headers.
+    pub fn trusted_proxies(scopes: &[Scope]) -> Option<AccessRules> {
+        (!scopes.is_empty()).then(|| {
+            let allow = scopes.iter().map(|&scope| Rule {
+                action: Action::Allow,
+                scope,
+            });
+            let deny_rest = std::iter::once(Rule {
+                action: Action::Deny,
+                scope: Scope::All,
+            });
+            AccessRules::new(allow.chain(deny_rest).collect())
+        })
     }
 }
 
@@ -980,7 +1014,10 @@ mod tests {
     fn refusal_labels() {
         assert_eq!(Refusal::Denied.label(), "denied");
         assert_eq!(Refusal::PerSourceLimit.label(), "per_source_limit");
-        assert_eq!(Refusal::PerSourceLimit.to_string(), "per_source_limit");
+        assert_eq!(
+            Refusal::PerSourceLimit.to_string(),
+            "per-source connection limit reached"
+        );
     }
 
     #[test]

@@ -195,6 +195,25 @@ impl fmt::Display for ListenAddr {
     }
 }
 
+/// Limits a worker applies to the connections it accepts (a reload changes
+/// them for new connections only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `--max-line`.
+    pub max_line: usize,
+    /// `--idle-timeout` and `--line-timeout`.
+    pub timeouts: Timeouts,
+}
+
+/// The per-connection timeouts; `None` = off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `--idle-timeout`: no byte moved either way for this long.
+    pub idle: Option<Duration>,
+    /// `--line-timeout`: an unterminated line held this long while reading.
+    pub line: Option<Duration>,
+}
+
 /// What the server runs with, after merging options, config file and defaults.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -250,7 +269,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn parse_level(s: &str) -> Result<Level, String> {
-    Level::parse(s).ok_or_else(|| format!("'{s}' is not one of error, warn, info, debug"))
+    Level::parse(s).ok_or_else(|| format!("'{s}' is not one of error, warn, info, debug, trace"))
 }
 
 /// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (all interfaces). Port 0 is
@@ -635,6 +654,17 @@ fn push_unique(list: &mut Vec<ListenAddr>, addr: ListenAddr) -> Result<(), Strin
 }
 
 impl Settings {
+    /// The limits a worker applies to new connections.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_line: self.max_line,
+            timeouts: Timeouts {
+                idle: self.idle_timeout,
+                line: self.line_timeout,
+            },
+        }
+    }
+
     /// Merges the command line with its config file (if any) and the defaults.
     pub fn from_cli(cli: Cli) -> Result<Settings, ConfigError> {
         let file = cli.config.as_deref().map(load_file).transpose()?;

@@ -1,15 +1,13 @@
 //! Start-up and shutdown: the part of the tutorial's `main()` that is not
 //! argument parsing.
 //!
-//! 1. Open every listening socket of every worker ([`open_listeners`]:
-//!    SO_REUSEPORT when there are several workers, after a probe proves no
-//!    other socket holds the port). Any failure stops here, before anything
-//!    is served and before any "listening" line: exit status 1 with one line
-//!    naming the address.
-//! 2. Build one [`Core`] per worker, each on its own [`EventLoop`]; then log
-//!    one "listening" line per address.
-//! 3. Start the signal thread ([`spawn_signal_thread`]): the first
-//!    SIGINT/SIGTERM stops every worker gracefully; a second exits at once.
+//! 1. Open every listening socket of every worker
+//!    ([`listener::create_all`]), or adopt the sockets systemd passed. Any
+//!    failure stops here, before anything is served and before any
+//!    "listening" line: exit status 1 with one line naming the address.
+//! 2. Build one [`Core`] per worker, each on its own [`EventLoop`] with its
+//!    [`Features`]; then log one "listening" line per address.
+//! 3. Start the signal thread ([`signals::spawn`]).
 //! 4. Run the workers on threads and supervise them ([`supervise`]): if one
 //!    fails or panics, the others are stopped gracefully and the process
 //!    exits 1 with the reason — never a silent, half-alive server.
@@ -18,26 +16,19 @@
 //! are written with `send(MSG_NOSIGNAL)`, so a vanished client can never kill
 //! the process: its write fails with EPIPE and only its connection closes.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread;
 
-use mio::Waker;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use signal_hook::iterator::Signals;
-
-use crate::admission::{AccessRules, Action, BufferBudget, Rule, Scope, SourceLimits};
-use crate::config::Cli;
-use crate::config::{ListenAddr, Settings};
-use crate::control::reload::{self, Reloader, WorkerLink};
+use crate::config::{Cli, Settings};
+use crate::control::reload::{Reloader, WorkerLink};
+use crate::control::signals::{self, Stopper};
 use crate::control::systemd::{self, Notifier};
-use crate::core::{Admission, Core, Observers, Shared, Target};
+use crate::core::{Core, Shared, Target};
 use crate::event_loop::EventLoop;
-use crate::network::listener::{self, ListenError, Listener};
-use crate::observe::access_log::{self, AccessLog, AccessLogWriter};
-use crate::observe::metrics::Metrics;
+use crate::features::{Admission, Features};
+use crate::network::listener::{self, ListenError};
+use crate::observe;
 use crate::utils::logger::{self, Level};
 use crate::xps_log;
 
@@ -56,160 +47,6 @@ impl std::fmt::Display for ServerError {
         match self {
             ServerError::Listen(e) => e.fmt(f),
             ServerError::Fatal(s) => f.write_str(s),
-        }
-    }
-}
-
-/// The listening sockets of every worker, and the addresses they are bound
-/// to (one per configured listener, port 0 resolved).
-pub struct OpenListeners {
-    /// `per_worker[w]` holds worker `w`'s sockets, in configuration order.
-    pub per_worker: Vec<Vec<Listener>>,
-    /// The bound address of each configured listener.
-    pub bound: Vec<SocketAddr>,
-}
-
-/// Opens `addrs` once per worker. With several workers each address is
-/// first probed ([`listener::probe_free`]), because their SO_REUSEPORT
-/// sockets would otherwise share a port with any other process that asks;
-/// port 0 is resolved once, so every worker shares the port.
-pub fn open_listeners(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {
-    let reuse_port = workers > 1;
-    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let mut at: SocketAddr = listener::resolve(addr)?;
-        if reuse_port {
-            at = listener::probe_free(addr, at)?;
-        }
-        for list in per_worker.iter_mut() {
-            let socket = listener::bind(addr, at, reuse_port)?;
-            let local = socket.local_addr().map_err(|e| ListenError {
-                addr: addr.clone(),
-                reason: format!("getsockname(): {}", crate::os_reason(&e)),
-            })?;
-            at.set_port(local.port());
-            list.push(Listener::new(socket, addr.clone()));
-        }
-        bound.push(at);
-    }
-    Ok(OpenListeners { per_worker, bound })
-}
-
-/// The sockets systemd passed (socket activation), once per worker: every
-/// worker accepts from the same sockets.
-fn adopt_listeners(
-    sockets: Vec<std::net::TcpListener>,
-    workers: usize,
-) -> Result<OpenListeners, ServerError> {
-    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::with_capacity(sockets.len());
-    for socket in sockets {
-        let at = socket.local_addr().map_err(|e| {
-            ServerError::Fatal(format!("LISTEN_FDS socket: {}", crate::os_reason(&e)))
-        })?;
-        let addr = ListenAddr {
-            host: at.ip().to_string(),
-            port: at.port(),
-            // systemd's sockets carry no PROXY flag (see docs/load-balancing.md).
-            proxy: false,
-        };
-        for list in per_worker.iter_mut() {
-            let copy = socket.try_clone().map_err(|e| {
-                ServerError::Fatal(format!("dup(LISTEN_FDS socket): {}", crate::os_reason(&e)))
-            })?;
-            list.push(Listener::new(copy, addr.clone()));
-        }
-        bound.push(at);
-    }
-    Ok(OpenListeners { per_worker, bound })
-}
-
-/// The access log's handle for the workers, and its writer thread.
-type AccessLogParts = (AccessLog, AccessLogWriter);
-
-/// Opens what observes the server: the metrics endpoint and the access
-/// log, each only if configured. Failing to open either stops start-up.
-fn open_observers(
-    settings: &Settings,
-) -> Result<(Option<Arc<Metrics>>, Option<AccessLogParts>), ServerError> {
-    let metrics = match &settings.metrics {
-        None => None,
-        Some(addr) => {
-            let at = listener::resolve(addr).map_err(ServerError::Listen)?;
-            let socket = std::net::TcpListener::bind(at).map_err(|e| {
-                ServerError::Listen(ListenError {
-                    addr: addr.clone(),
-                    reason: format!("bind(): {}", crate::os_reason(&e)),
-                })
-            })?;
-            let local = socket.local_addr().unwrap_or(at);
-            let metrics = Metrics::new(settings.workers);
-            crate::observe::metrics::serve(socket, metrics.clone()).map_err(|e| {
-                ServerError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
-            })?;
-            xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
-            Some(metrics)
-        }
-    };
-    let log = match &settings.access_log {
-        None => None,
-        Some(path) => {
-            let dropped = metrics
-                .as_ref()
-                .map_or_else(Default::default, |m| m.access_log_dropped());
-            Some(access_log::open(path, dropped).map_err(|e| {
-                ServerError::Fatal(format!(
-                    "cannot open access log {}: {}",
-                    path.display(),
-                    crate::os_reason(&e)
-                ))
-            })?)
-        }
-    };
-    Ok((metrics, log))
-}
-
-/// SPEC §6's admission from the settings, shared by every worker.
-pub fn admission(settings: &Settings) -> Admission {
-    Admission {
-        rules: Arc::new(settings.access.clone()),
-        proxy_from: proxy_rules(settings),
-        sources: SourceLimits::new(settings.max_connections_per_source),
-        budget: BufferBudget::new(settings.max_buffered, settings.workers),
-    }
-}
-
-/// `--proxy-from A --proxy-from B` as rules: allow A, allow B, deny all;
-/// `None` = any peer may send headers.
-pub fn proxy_rules(settings: &Settings) -> Option<Arc<AccessRules>> {
-    (!settings.proxy_from.is_empty()).then(|| {
-        let allow = settings.proxy_from.iter().map(|&scope| Rule {
-            action: Action::Allow,
-            scope,
-        });
-        let deny_rest = std::iter::once(Rule {
-            action: Action::Deny,
-            scope: Scope::All,
-        });
-        Arc::new(AccessRules::new(allow.chain(deny_rest).collect()))
-    })
-}
-
-/// Stops every worker: sets the shared stop flag and wakes each loop.
-#[derive(Clone)]
-struct Stopper {
-    /// The flag every core reads after each wake-up.
-    shared: Arc<Shared>,
-    /// One waker per worker loop.
-    wakers: Arc<Vec<Arc<Waker>>>,
-}
-
-impl Stopper {
-    fn stop_all(&self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        for w in self.wakers.iter() {
-            let _ = w.wake();
         }
     }
 }
@@ -238,38 +75,38 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     let fatal = |what: &str, e: std::io::Error| {
         ServerError::Fatal(format!("{what}: {}", crate::os_reason(&e)))
     };
-    // Catch SIGINT/SIGTERM before the first "listening" line: a signal sent
-    // as soon as the server says it is up must start a graceful shutdown,
-    // not kill it. Signals that come before the signal thread starts wait
-    // in signal-hook's pipe.
-    let signals =
-        Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).map_err(|e| fatal("signal handler", e))?;
+    // Catch the signals before the first "listening" line: a signal sent as
+    // soon as the server says it is up must start a graceful shutdown, not
+    // kill it. Signals that come before the signal thread starts wait.
+    let caught = signals::catch().map_err(|e| fatal("signal handler", e))?;
     // systemd socket activation: the sockets systemd passed replace the
     // configured listeners (taken before any thread starts).
     let activated = systemd::listen_fds().map_err(ServerError::Fatal)?;
     let activated_flag = activated.is_some();
     let open = match activated {
-        Some(sockets) => adopt_listeners(sockets, settings.workers)?,
-        None => {
-            open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?
-        }
+        Some(sockets) => systemd::adopt_listeners(sockets, settings.workers)
+            .map_err(ServerError::Fatal)?,
+        None => listener::create_all(&settings.listeners, settings.workers)
+            .map_err(ServerError::Listen)?,
     };
     let notifier = Notifier::from_env();
-    let (metrics, access_log) = open_observers(settings)?;
+    let observers = observe::open(settings).map_err(|e| match e {
+        observe::OpenError::Listen(e) => ServerError::Listen(e),
+        observe::OpenError::Fatal(e) => ServerError::Fatal(e),
+    })?;
     let shared = Shared::new(settings.max_connections);
-    let limits = reload::limits_of(settings);
-    let admission = admission(settings);
+    let admission = Admission::from_settings(settings);
     let mut loops = Vec::with_capacity(settings.workers);
     let mut wakers = Vec::with_capacity(settings.workers);
     let mut links = Vec::with_capacity(settings.workers);
     for (worker, listeners) in open.per_worker.into_iter().enumerate() {
-        let observers = Observers {
+        let features = Features::new(
             worker,
-            metrics: metrics
-                .as_ref()
-                .and_then(|m| m.take_worker(worker).map(|w| (m.clone(), w))),
-            access_log: access_log.as_ref().map(|(log, _)| log.clone()),
-        };
+            admission.clone(),
+            shared.slots.clone(),
+            observers.worker_metrics(worker),
+            observers.access_log(),
+        );
         let event_loop = EventLoop::create().map_err(|e| fatal("epoll_create()", e))?;
         let waker = Arc::new(
             event_loop
@@ -286,13 +123,12 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         let core = Core::new(
             handle,
             listeners,
-            limits,
+            settings.limits(),
             shared.clone(),
-            observers,
+            features,
             Some(rx),
         )
-        .map_err(|e| fatal("epoll_ctl(listener)", e))?
-        .with_admission(admission.clone());
+        .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
     // Every listener of every worker is open: now say so.
@@ -307,27 +143,20 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     }
     let slots = shared.slots.clone();
     notifier.ready_with_status(&status_text(slots.taken()));
-    let stopper = Stopper {
-        shared,
-        wakers: Arc::new(wakers),
+    let stopper = Stopper::new(shared, wakers);
+    let reloader = Reloader {
+        cli,
+        current: settings.clone(),
+        activated: activated_flag,
+        workers: links,
+        slots: slots.clone(),
+        access_log: observers.access_log(),
+        metrics: observers.metrics.clone(),
+        notifier: notifier.clone(),
+        admission,
     };
-    let signal_handle = signals.handle();
-    let control = Control {
-        stopper: stopper.clone(),
-        reloader: Reloader {
-            cli,
-            current: settings.clone(),
-            activated: activated_flag,
-            workers: links,
-            slots: slots.clone(),
-            access_log: access_log.as_ref().map(|(log, _)| log.clone()),
-            metrics: metrics.clone(),
-            notifier: notifier.clone(),
-            admission: admission.clone(),
-        },
-    };
-    let signal_thread =
-        spawn_signal_thread(signals, control).map_err(|e| fatal("spawn signal thread", e))?;
+    let signal_thread = signals::spawn(caught, stopper.clone(), reloader, notifier.clone())
+        .map_err(|e| fatal("spawn signal thread", e))?;
 
     let named = settings.workers > 1;
     let workers: Vec<Worker> = loops
@@ -349,11 +178,8 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         || stopper.stop_all(),
         || notifier.status(&status_text(slots.taken())),
     );
-    signal_handle.close();
-    let _ = signal_thread.join();
-    if let Some((_, writer)) = access_log {
-        writer.close(); // flushes every line queued
-    }
+    observers.close(); // flushes the access log
+    signal_thread.close();
     match result {
         Err(e) => Err(ServerError::Fatal(e)),
         Ok(()) => {
@@ -366,56 +192,6 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
 /// systemd's STATUS= text.
 fn status_text(open: usize) -> String {
     format!("{open} connection(s) open")
-}
-
-/// What the signal thread acts on.
-struct Control {
-    /// Stops the workers (SIGINT, SIGTERM).
-    stopper: Stopper,
-    /// Reloads (SIGHUP) and reopens the access log (SIGUSR1, SIGHUP).
-    reloader: Reloader,
-}
-
-/// The signal thread: the first SIGINT/SIGTERM stops every worker
-/// gracefully, a second exits at once with 128+N; SIGHUP reloads the
-/// CONFIG file (and reopens the access log); SIGUSR1 reopens the access log
-/// (logrotate's convention).
-fn spawn_signal_thread(
-    mut signals: Signals,
-    mut control: Control,
-) -> std::io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("xps-signals".into())
-        .spawn(move || {
-            let mut stops = 0;
-            for sig in signals.forever() {
-                match sig {
-                    SIGUSR1 => {
-                        if let Some(log) = &control.reloader.access_log {
-                            log.reopen();
-                        }
-                    }
-                    SIGHUP if stops == 0 => control.reloader.on_sighup(),
-                    SIGHUP => {}
-                    _ => {
-                        stops += 1;
-                        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-                        if stops == 1 {
-                            xps_log!(
-                                Level::Info,
-                                "main()",
-                                "{name} received: finishing replies, then exiting (send it again to exit at once)"
-                            );
-                            control.reloader.notifier.stopping();
-                            control.stopper.stop_all();
-                        } else {
-                            xps_log!(Level::Warning, "main()", "second {name}: exiting now");
-                            std::process::exit(128 + sig);
-                        }
-                    }
-                }
-            }
-        })
 }
 
 /// How often the supervisor runs its `tick`.

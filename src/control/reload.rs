@@ -24,14 +24,18 @@
 //! the access log; started with sockets from systemd (socket activation),
 //! the listeners are systemd's and a reload leaves them alone.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 
 use mio::Waker;
 
+use crate::admission::AccessRules;
 use crate::config::{Cli, ListenAddr, Settings};
 use crate::control::systemd::Notifier;
-use crate::core::{Admission, CoreMsg, Limits, Reconfigure, Timeouts};
+use crate::core::{Control, Reconfigure};
+use crate::features::{Admission, Features, Update};
+use crate::network::listener;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::slots::Slots;
@@ -45,21 +49,10 @@ pub fn diff(old: &[ListenAddr], new: &[ListenAddr]) -> (Vec<ListenAddr>, Vec<Lis
     (added, removed)
 }
 
-/// The limits a core applies to new connections, from settings.
-pub fn limits_of(settings: &Settings) -> Limits {
-    Limits {
-        max_line: settings.max_line,
-        timeouts: Timeouts {
-            idle: settings.idle_timeout,
-            line: settings.line_timeout,
-        },
-    }
-}
-
 /// A way to reach one worker's core.
 pub struct WorkerLink {
     /// Where its control messages go.
-    pub tx: Sender<CoreMsg>,
+    pub tx: Sender<Control<Features>>,
     /// Wakes its loop to read them.
     pub waker: Arc<Waker>,
 }
@@ -70,6 +63,8 @@ pub struct Reloader {
     pub cli: Cli,
     /// The settings the server runs with now.
     pub current: Settings,
+    /// The address each of `current.listeners` is bound to, in order.
+    pub bound: Vec<SocketAddr>,
     /// The listeners came from systemd (socket activation).
     pub activated: bool,
     /// One link per worker.
@@ -88,6 +83,13 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// SIGUSR1: reopens the access log (logrotate's convention).
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
+    }
+
     /// SIGHUP: reopens the access log and, with a CONFIG file, reloads it.
     pub fn on_sighup(&mut self) {
         self.notifier.reloading();
@@ -141,7 +143,7 @@ impl Reloader {
         self.warn_fixed(&new);
         // Everything that can fail, before anything changes.
         let opened =
-            crate::server::open_listeners(&added, self.workers.len()).map_err(|e| e.to_string())?;
+            listener::create_all(&added, self.workers.len()).map_err(|e| e.to_string())?;
         let new_log_path = match (&self.current.access_log, &new.access_log) {
             (Some(old), Some(path)) if old != path => {
                 check_writable(path)?;
@@ -150,18 +152,29 @@ impl Reloader {
             _ => None,
         };
         // Commit.
-        let limits = limits_of(&new);
+        let limits = new.limits();
         let rules = Arc::new(new.access.clone());
-        let proxy_from = crate::server::proxy_rules(&new);
+        let proxy_from = AccessRules::trusted_proxies(&new.proxy_from).map(Arc::new);
+        let remove: Vec<SocketAddr> = self
+            .current
+            .listeners
+            .iter()
+            .zip(&self.bound)
+            .filter(|(a, _)| removed.contains(a))
+            .map(|(_, at)| *at)
+            .collect();
         let (applied, acks) = std::sync::mpsc::channel();
         let mut sent = 0;
         for (link, add) in self.workers.iter().zip(opened.per_worker) {
-            let msg = CoreMsg::Reconfigure(Reconfigure {
+            let msg = Control::Reconfigure(Reconfigure {
                 add,
-                remove: removed.clone(),
+                remove: remove.clone(),
+                changed: Vec::new(),
                 limits,
-                rules: rules.clone(),
-                proxy_from: proxy_from.clone(),
+                update: Update {
+                    rules: rules.clone(),
+                    proxy_from: proxy_from.clone(),
+                },
                 applied: applied.clone(),
             });
             if link.tx.send(msg).is_ok() {
@@ -192,7 +205,7 @@ impl Reloader {
         for at in &opened.bound {
             xps_log!(
                 Level::Info,
-                "main()",
+                "xps_core_reload()",
                 "Server listening on port {} ({})",
                 at.port(),
                 at
@@ -207,6 +220,18 @@ impl Reloader {
         }
         if self.activated {
             current.listeners = self.current.listeners.clone();
+        } else {
+            let mut bound = Vec::with_capacity(current.listeners.len());
+            for addr in &current.listeners {
+                let old = self.current.listeners.iter().position(|a| a == addr);
+                let new = added.iter().position(|a| a == addr);
+                match (old, new) {
+                    (Some(i), _) => bound.push(self.bound[i]),
+                    (None, Some(j)) => bound.push(opened.bound[j]),
+                    (None, None) => {}
+                }
+            }
+            self.bound = bound;
         }
         self.current = current;
         Ok(format!("listeners +{} -{}", added.len(), removed.len()))

@@ -2,28 +2,38 @@
 //!
 //! | C tutorial                          | here                                   |
 //! |-------------------------------------|----------------------------------------|
-//! | `xps_listener_create()`             | [`bind`] then [`Listener::new`]        |
-//! | `xps_listener_destroy()`            | dropping the [`Listener`] (closes it)  |
-//! | `xps_listener_connection_handler()` | `Core::listener_connection_handler`    |
+//! | `xps_listener_create()`             | [`create`] (and [`create_all`] for every worker), then the worker attaches it |
+//! | `xps_listener_destroy()`            | [`Listener::destroy`]                  |
+//! | `xps_listener_connection_handler()` | [`Listener::connection_handler`]       |
 //! | `xps_getaddrinfo()`                 | [`resolve`] (first address)            |
 //!
-//! Binding is split from the event loop on purpose: `main` binds every socket
-//! of every worker *before* any worker starts, so a port in use stops start-up
-//! with exit status 1 and nothing half-served. The accept loop lives in the
-//! core, which owns the connection table and the connection cap; this module
-//! only says what an accept error means ([`classify_accept_error`]).
+//! Binding is split from the event loop on purpose: every socket of every
+//! worker is bound *before* any worker starts, so a port in use stops
+//! start-up with exit status 1 and nothing half-served. The accept loop
+//! accepts until `WouldBlock` (edge-triggered), takes a `--max-connections`
+//! slot before each `accept()` (at the cap, clients wait in the backlog),
+//! and sorts accept errors ([`classify_accept_error`]) so that none makes it
+//! spin.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ListenAddr;
+use crate::slots::{Slot, Slots};
+use crate::utils::logger::Level;
+use crate::xps_log;
 
 /// listen(2) backlog. Connections past `--max-connections` wait here, so it is
 /// far above the tutorial's 64; the kernel caps it at `net.core.somaxconn`.
 pub const BACKLOG: i32 = 4096;
+/// Connections accepted per listener per call before the others get a turn.
+pub const ACCEPT_BUDGET: usize = 256;
+/// How long accepting pauses after EMFILE/ENFILE/ENOBUFS/ENOMEM or an
+/// unknown accept error (unless a connection closes first).
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a listener could not be opened: exit status 1, with this one line.
 #[derive(Debug)]
@@ -53,7 +63,8 @@ pub fn resolve(addr: &ListenAddr) -> Result<SocketAddr, ListenError> {
         .ok_or_else(|| fail("host resolves to no address".to_string()))
 }
 
-/// Creates a non-blocking listening socket on `at`: SO_REUSEADDR (restart
+/// `xps_listener_create()`'s socket half: a non-blocking listening socket
+/// on `at`: SO_REUSEADDR (restart
 /// without waiting out TIME_WAIT), SO_REUSEPORT when several workers each
 /// bind the same port, IPV6_V6ONLY for IPv6 (so `[::]:8001` and
 /// `0.0.0.0:8001` can both be opened), TCP_NODELAY and SO_OOBINLINE, then
@@ -68,7 +79,7 @@ pub fn resolve(addr: &ListenAddr) -> Result<SocketAddr, ListenError> {
 /// `accept()` returns, so setting them here once saves two `setsockopt`s per
 /// connection (`tests::accepted_sockets_inherit_nodelay_and_oobinline`
 /// checks this).
-pub fn bind(
+pub fn create(
     addr: &ListenAddr,
     at: SocketAddr,
     reuse_port: bool,
@@ -119,7 +130,7 @@ fn failed(addr: &ListenAddr, what: &str, e: io::Error) -> ListenError {
     }
 }
 
-/// A TCP socket for `at` with every option of [`bind`], not yet bound.
+/// A TCP socket for `at` with every option of [`create`], not yet bound.
 fn socket_for(addr: &ListenAddr, at: SocketAddr, reuse_port: bool) -> Result<Socket, ListenError> {
     let socket = Socket::new(Domain::for_address(at), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| failed(addr, "socket()", e))?;
@@ -145,26 +156,131 @@ fn socket_for(addr: &ListenAddr, at: SocketAddr, reuse_port: bool) -> Result<Soc
     Ok(socket)
 }
 
-/// A listening socket attached to a worker's loop.
+/// The listening sockets of every worker, and the addresses they are bound
+/// to (one per configured listener, port 0 resolved).
+pub struct OpenListeners {
+    /// `per_worker[w]` holds worker `w`'s sockets, in configuration order.
+    pub per_worker: Vec<Vec<Listener>>,
+    /// The bound address of each configured listener.
+    pub bound: Vec<SocketAddr>,
+}
+
+/// Opens `addrs` once per worker. With several workers each address is
+/// first probed ([`probe_free`]), because their SO_REUSEPORT sockets would
+/// otherwise share a port with any other process that asks; port 0 is
+/// resolved once, so every worker shares the port.
+pub fn create_all(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {
+    let reuse_port = workers > 1;
+    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let mut at: SocketAddr = resolve(addr)?;
+        if reuse_port {
+            at = probe_free(addr, at)?;
+        }
+        for list in per_worker.iter_mut() {
+            let socket = create(addr, at, reuse_port)?;
+            let local = socket
+                .local_addr()
+                .map_err(|e| failed(addr, "getsockname()", e))?;
+            at.set_port(local.port());
+            list.push(Listener::new(socket, addr.clone()));
+        }
+        bound.push(at);
+    }
+    Ok(OpenListeners { per_worker, bound })
+}
+
+/// A listening socket, served by one worker.
 #[derive(Debug)]
 pub struct Listener {
     /// The non-blocking listening socket.
     pub socket: mio::net::TcpListener,
-    /// The address as configured, for logs.
+    /// The address as configured (host as written, PROXY flag).
     pub addr: ListenAddr,
+    /// The address it is bound to (port 0 resolved): what identifies it.
+    pub bound: SocketAddr,
     /// While set, accepting is paused until then (out of file descriptors or
     /// memory: nginx's accept back-off).
     pub paused_until: Option<Instant>,
 }
 
+/// What one call of the accept loop produced, in order.
+#[derive(Debug)]
+pub enum Accept {
+    /// A new connection and the slot it holds.
+    Connection(mio::net::TcpStream, SocketAddr, Slot),
+    /// `accept()` failed: skipped (one connection) or backing off.
+    Failed(io::Error, AcceptVerdict),
+}
+
+/// Whether connections may still wait in the backlog after the accept loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Empty: wait for the next readiness event.
+    Drained,
+    /// Maybe not empty (the turn's budget, the connection cap, or a
+    /// back-off stopped the loop): try again later.
+    Left,
+}
+
 impl Listener {
-    /// Wraps a socket made by [`bind`].
+    /// Wraps a socket made by [`create`].
     pub fn new(socket: std::net::TcpListener, addr: ListenAddr) -> Listener {
+        let bound = socket.local_addr().unwrap_or_else(|_| {
+            SocketAddr::from(([0, 0, 0, 0], addr.port))
+        });
         Listener {
             socket: mio::net::TcpListener::from_std(socket),
             addr,
+            bound,
             paused_until: None,
         }
+    }
+
+    /// `xps_listener_connection_handler()`: accepts until the backlog is
+    /// empty, [`ACCEPT_BUDGET`] connections are taken, the connection cap is
+    /// reached, or the OS refuses; each new socket (with the slot taken for
+    /// it before `accept()`) or failure is appended to `out`.
+    pub fn connection_handler(&mut self, now: Instant, slots: &std::sync::Arc<Slots>, out: &mut Vec<Accept>) -> Backlog {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(slot) = slots.try_acquire() else {
+                return Backlog::Left; // at the cap: clients wait in the backlog
+            };
+            match self.socket.accept() {
+                Ok((stream, peer)) => out.push(Accept::Connection(stream, peer, slot)),
+                Err(e) => match classify_accept_error(&e) {
+                    AcceptVerdict::Drained => {
+                        xps_log!(
+                            Level::Trace,
+                            "xps_listener_connection_handler()",
+                            "{}: accept: WouldBlock, backlog empty",
+                            self.bound
+                        );
+                        return Backlog::Drained;
+                    }
+                    AcceptVerdict::Retry => {}
+                    AcceptVerdict::SkipOne => out.push(Accept::Failed(e, AcceptVerdict::SkipOne)),
+                    AcceptVerdict::BackOff => {
+                        self.paused_until = Some(now + ACCEPT_BACKOFF);
+                        out.push(Accept::Failed(e, AcceptVerdict::BackOff));
+                        return Backlog::Left;
+                    }
+                },
+            }
+        }
+        Backlog::Left
+    }
+
+    /// `xps_listener_destroy()`: closes the socket (which detaches it from
+    /// epoll); connections accepted from it go on.
+    pub fn destroy(self) {
+        xps_log!(
+            Level::Debug,
+            "xps_listener_destroy()",
+            "destroyed listener on {}",
+            self.bound
+        );
     }
 }
 
@@ -232,7 +348,7 @@ mod tests {
                 proxy: false,
             };
             let at = resolve(&addr).unwrap();
-            let listener = match bind(&addr, at, false) {
+            let listener = match create(&addr, at, false) {
                 Ok(l) => l,
                 Err(e) if at.is_ipv6() => {
                     eprintln!("SKIPPED the IPv6 half: cannot bind [::1]:0 ({e})");
@@ -263,11 +379,11 @@ mod tests {
         let at = resolve(&addr).unwrap();
         let free = probe_free(&addr, at).unwrap();
         assert_ne!(free.port(), 0, "port 0 is resolved");
-        let held = bind(&addr, free, true).unwrap();
+        let held = create(&addr, free, true).unwrap();
         let e = probe_free(&addr, held.local_addr().unwrap()).unwrap_err();
         assert!(e.reason.contains("Address already in use"), "{e}");
         // ...while a second SO_REUSEPORT socket alone would have joined it.
-        assert!(bind(&addr, held.local_addr().unwrap(), true).is_ok());
+        assert!(create(&addr, held.local_addr().unwrap(), true).is_ok());
     }
 
     #[test]

@@ -98,6 +98,41 @@ const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The v1 line starts with these bytes, single space included.
 const V1_PREFIX: &[u8] = b"PROXY ";
 
+/// How long a connection on a PROXY listener may take to send its header
+/// (SPEC §6).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What was wrong with a PROXY-protocol connection's header (SPEC §6: each
+/// refuses the connection with reason `proxy_header`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderFailure {
+    /// The bytes can never become a valid header.
+    Malformed(ProxyError),
+    /// The client closed before the header was complete (or sent none).
+    Closed,
+    /// Not complete within [`HEADER_TIMEOUT`].
+    Timeout,
+    /// The peer is not in `--proxy-from`.
+    Untrusted,
+}
+
+impl fmt::Display for HeaderFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HeaderFailure::Malformed(e) => write!(f, "bad PROXY header ({e})"),
+            HeaderFailure::Closed => f.write_str("closed before a complete PROXY header"),
+            HeaderFailure::Timeout => write!(
+                f,
+                "no complete PROXY header within {} s",
+                HEADER_TIMEOUT.as_secs()
+            ),
+            HeaderFailure::Untrusted => {
+                f.write_str("peer not allowed by --proxy-from to send PROXY headers")
+            }
+        }
+    }
+}
+
 /// What the header asks the receiver to do with the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {

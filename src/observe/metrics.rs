@@ -39,7 +39,8 @@
 //! reloading back and forth does not grow the registry.
 //!
 //! ```
-//! use xps::observe::metrics::{Closed, Metrics};
+//! use xps::network::io::CloseReason;
+//! use xps::observe::metrics::Metrics;
 //!
 //! let metrics = Metrics::new(2); // at start-up: Arc<Metrics>
 //! // In worker 0 (the handle moves into its thread):
@@ -49,7 +50,7 @@
 //! counting.received(6); // per read pass …
 //! counting.lines(1);
 //! counting.sent(6); // … and per write pass
-//! counting.closed(Closed::Finished); // it ended
+//! counting.closed(&CloseReason::Finished); // it ended
 //! assert!(metrics.render().contains("\nxps_lines_total 1\n"));
 //! ```
 //!
@@ -109,78 +110,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::admission::Refusal;
+use crate::network::io::CloseReason;
 use crate::utils::logger::Level;
 use crate::xps_log;
-
-/// Why a connection that was served ended (`xps_connections_closed_total`'s
-/// `reason` label, and the access log's `end`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Closed {
-    /// The peer half-closed and got every reply.
-    Finished,
-    /// The peer reset the connection or stopped reading for good.
-    Reset,
-    /// Another socket error.
-    Error,
-    /// `--idle-timeout` (or `--line-timeout`) ran out.
-    IdleTimeout,
-    /// The server shut down.
-    Shutdown,
-}
-
-impl Closed {
-    /// Every reason, in the order the exposition lists them.
-    pub const ALL: [Closed; 5] = [
-        Closed::Finished,
-        Closed::Reset,
-        Closed::Error,
-        Closed::IdleTimeout,
-        Closed::Shutdown,
-    ];
-
-    /// The label value: `finished`, `reset`, `error`, `idle_timeout`,
-    /// `shutdown`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Closed::Finished => "finished",
-            Closed::Reset => "reset",
-            Closed::Error => "error",
-            Closed::IdleTimeout => "idle_timeout",
-            Closed::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Why an accepted connection was turned away before it was served
-/// (`xps_connections_refused_total`'s `reason`, SPEC §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Refused {
-    /// An access rule denied the source.
-    Denied,
-    /// `--max-connections-per-source` was reached.
-    PerSourceLimit,
-    /// A PROXY-protocol header was missing, malformed, late, or from a peer
-    /// not in `--proxy-from`.
-    ProxyHeader,
-}
-
-impl Refused {
-    /// Every reason, in the order the exposition lists them.
-    pub const ALL: [Refused; 3] = [
-        Refused::Denied,
-        Refused::PerSourceLimit,
-        Refused::ProxyHeader,
-    ];
-
-    /// The label value: `denied`, `per_source_limit`, `proxy_header`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Refused::Denied => "denied",
-            Refused::PerSourceLimit => "per_source_limit",
-            Refused::ProxyHeader => "proxy_header",
-        }
-    }
-}
 
 /// A failed `accept(2)` (`xps_accept_errors_total`'s `error` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -263,10 +196,10 @@ struct WorkerBlock {
     taken: AtomicBool,
     /// Connections accepted and not yet closed or refused.
     open: Single,
-    /// By [`Closed`] as index.
-    closed: [Single; 5],
-    /// By [`Refused`] as index.
-    refused: [Single; 3],
+    /// By [`CloseReason::index`].
+    closed: [Single; CloseReason::LABELS.len()],
+    /// By [`Refusal::index`].
+    refused: [Single; Refusal::LABELS.len()],
     /// Replies queued.
     lines: Single,
     /// Bytes read from clients.
@@ -356,15 +289,15 @@ impl WorkerMetrics {
 
     /// An accepted connection that was served ended.
     #[inline]
-    pub fn closed(&self, reason: Closed) {
-        self.block.closed[reason as usize].add(1);
+    pub fn closed(&self, reason: &CloseReason) {
+        self.block.closed[reason.index()].add(1);
         self.block.open.sub(1);
     }
 
     /// An accepted connection was turned away before it was served.
     #[inline]
-    pub fn refused(&self, reason: Refused) {
-        self.block.refused[reason as usize].add(1);
+    pub fn refused(&self, reason: Refusal) {
+        self.block.refused[reason.index()].add(1);
         self.block.open.sub(1);
     }
 
@@ -554,18 +487,18 @@ impl Metrics {
             "counter",
             "Served connections that ended, by reason.",
         );
-        for r in Closed::ALL {
-            let n = sum(&|b| b.closed[r as usize].get());
-            out.sample("xps_connections_closed_total", &[("reason", r.label())], n);
+        for (i, label) in CloseReason::LABELS.iter().enumerate() {
+            let n = sum(&|b| b.closed[i].get());
+            out.sample("xps_connections_closed_total", &[("reason", label)], n);
         }
         out.family(
             "xps_connections_refused_total",
             "counter",
             "Accepted connections turned away before being served, by reason.",
         );
-        for r in Refused::ALL {
-            let n = sum(&|b| b.refused[r as usize].get());
-            out.sample("xps_connections_refused_total", &[("reason", r.label())], n);
+        for (i, label) in Refusal::LABELS.iter().enumerate() {
+            let n = sum(&|b| b.refused[i].get());
+            out.sample("xps_connections_refused_total", &[("reason", label)], n);
         }
 
         for (name, help, n) in [
@@ -1173,8 +1106,8 @@ mod tests {
         for _ in 0..3 {
             w.accepted(&l);
         }
-        w.closed(Closed::Finished);
-        w.refused(Refused::Denied);
+        w.closed(&CloseReason::Finished);
+        w.refused(Refusal::Denied);
         w.lines(7);
         w.received(70);
         w.sent(69);
@@ -1264,8 +1197,8 @@ xps_access_log_dropped_total 3
                         w.lines(2);
                         w.received(10);
                         w.sent(10);
-                        w.closed(Closed::Reset);
-                        w.refused(Refused::ProxyHeader);
+                        w.closed(&CloseReason::Reset(io::ErrorKind::ConnectionReset.into()));
+                        w.refused(Refusal::ProxyHeader(crate::network::proxy_header::HeaderFailure::Closed));
                     }
                     w.accept_error(AcceptError::Other);
                 })
@@ -1347,9 +1280,9 @@ xps_access_log_dropped_total 3
         for _ in 0..5 {
             w.accepted(&l);
         }
-        w.closed(Closed::IdleTimeout);
-        w.closed(Closed::Shutdown);
-        w.refused(Refused::PerSourceLimit);
+        w.closed(&CloseReason::IdleTimeout { stalled_writer: false, after_secs: 1 });
+        w.closed(&CloseReason::Shutdown);
+        w.refused(Refusal::PerSourceLimit);
         let text = xps_text(&m);
         assert_eq!(
             line_of(&text, "xps_connections_open"),
@@ -1697,7 +1630,7 @@ xps_access_log_dropped_total 3
         let l = m.listener("[::1]:8001");
         let _l2 = m.listener("0.0.0.0:8001");
         w.accepted(&l);
-        w.closed(Closed::Error);
+        w.closed(&CloseReason::Failed(io::ErrorKind::Other.into()));
         w.sent(5);
         m.reload(true);
         for text in [fresh, m.render()] {

@@ -5,7 +5,8 @@
 //! * Colour only when stderr is a terminal, and never when `NO_COLOR` is set
 //!   (<https://no-color.org>).
 //! * DEBUG lines only with `XPS_DEBUG=1`, `--log-level debug`, or a `RUST_LOG`
-//!   that asks for debug or trace. Per-connection events are DEBUG, so a busy
+//!   that asks for debug; TRACE lines (the loop narrated for a learner) only
+//!   with `--log-level trace` or `RUST_LOG=trace`. Per-connection events are DEBUG, so a busy
 //!   server does not pay for formatting them: the level check is one relaxed
 //!   atomic load, done before any formatting (see the `xps_log!` macro).
 //! * With several workers, each line names its worker (`[worker 2]`), set per
@@ -56,6 +57,9 @@ pub enum Level {
     Info = 2,
     /// Per-connection and per-event detail.
     Debug = 3,
+    /// The loop narrated for a learner: every event, accept, read, write,
+    /// `WouldBlock`, pause and close (`--log-level trace`).
+    Trace = 4,
 }
 
 impl Level {
@@ -65,6 +69,7 @@ impl Level {
             Level::Warning => "WARNING",
             Level::Info => "INFO",
             Level::Debug => "DEBUG",
+            Level::Trace => "TRACE",
         }
     }
 
@@ -74,17 +79,19 @@ impl Level {
             Level::Warning => "\x1b[33m",
             Level::Info => "\x1b[32m",
             Level::Debug => "\x1b[36m",
+            Level::Trace => "\x1b[35m",
         }
     }
 
-    /// Parses `error`, `warn`/`warning`, `info`, `debug` (and `trace`, which
-    /// this server treats as `debug`), case-insensitively.
+    /// Parses `error`, `warn`/`warning`, `info`, `debug` and `trace`,
+    /// case-insensitively.
     pub fn parse(s: &str) -> Option<Level> {
         match s.trim().to_ascii_lowercase().as_str() {
             "error" => Some(Level::Error),
             "warn" | "warning" => Some(Level::Warning),
             "info" => Some(Level::Info),
-            "debug" | "trace" => Some(Level::Debug),
+            "debug" => Some(Level::Debug),
+            "trace" => Some(Level::Trace),
             _ => None,
         }
     }

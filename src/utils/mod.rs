@@ -1,2 +1,3 @@
-//! eXpServer's `utils/`: the logger (and, as later stages need them, more).
+//! eXpServer's `utils/`: the logger, and a rate-limited warning.
 pub mod logger;
+pub mod ratelimit;

@@ -1,0 +1,102 @@
+//! A connection as the worker keeps it, and its preface.
+//!
+//! Most connections are served from their first byte. On a listener whose
+//! hooks ask for a preface (a PROXY header from a load balancer), the
+//! connection first reads bytes the protocol never sees and feeds them to
+//! the hooks; once they say the preface is complete, the session upgrades
+//! to [`Session::Serving`] and the bytes that followed it in the same read
+//! are the client's first. Sōzu's sessions do the same with their states.
+
+use std::ops::Range;
+
+use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep};
+use crate::core::timers::{ConnTimers, TimeoutSecs};
+use crate::core::Core;
+use crate::network::connection::{Connection, Pass, RawRead};
+
+/// What the hooks keep for a connection, by where it is.
+pub enum Session<H: Hooks> {
+    /// Reading its preface; nothing is answered yet.
+    Preface(H::Preface),
+    /// Served.
+    Serving(H::Conn),
+}
+
+/// A connection in the worker's slab.
+pub struct Entry<H: Hooks> {
+    /// The socket, the unterminated line, the unsent replies.
+    pub conn: Connection,
+    /// Its deadlines.
+    pub timers: ConnTimers,
+    /// Preface or served, and the hooks' state.
+    pub session: Session<H>,
+    /// In the queue for the next turn (at most once).
+    pub queued: bool,
+    /// In the queue of connections waiting for a larger allowance.
+    pub held: bool,
+}
+
+impl<H: Hooks> Core<H> {
+    /// Reads a connection's preface until it is complete, refused, or the
+    /// socket is drained.
+    pub(super) fn drive_preface(&mut self, key: usize) {
+        let entry = &mut self.connections[key];
+        let Session::Preface(preface) = &mut entry.session else {
+            return;
+        };
+        let end = loop {
+            match entry.conn.read_raw(&mut self.scratch.read) {
+                RawRead::Drained => return,
+                RawRead::Closed => break PrefaceEnd::Closed,
+                RawRead::Failed(reason) => break PrefaceEnd::Failed(reason),
+                RawRead::Data(n) => match self.hooks.preface_feed(preface, &self.scratch.read[..n]) {
+                    PrefaceStep::More => {}
+                    PrefaceStep::Bad => break PrefaceEnd::Bad,
+                    PrefaceStep::Done(used) => return self.serve_after_preface(key, used.min(n)..n),
+                },
+            }
+        };
+        let Entry { conn, session, .. } = self.connections.remove(key);
+        if let Session::Preface(mut preface) = session {
+            self.hooks.preface_failed(&mut preface, end, self.clock.now);
+        }
+        drop(conn); // closed unanswered; the hooks counted it as refused
+    }
+
+    /// The preface is complete: the hooks admit the client or refuse it; an
+    /// admitted connection answers the bytes that followed the preface
+    /// (`rest` of the shared read buffer) and is served from now on.
+    fn serve_after_preface(&mut self, key: usize, rest: Range<usize>) {
+        let entry = &mut self.connections[key];
+        let Session::Preface(preface) = &mut entry.session else {
+            return;
+        };
+        let Some(state) = self.hooks.preface_done(preface, self.clock.now) else {
+            drop(self.connections.remove(key)); // refused: the hooks counted it
+            return;
+        };
+        entry.session = Session::Serving(state);
+        entry.timers = ConnTimers::new(self.clock.moment, TimeoutSecs::of(self.limits.timeouts));
+        if let Some(due) = entry.timers.first_due() {
+            self.timers.push(due, key);
+        }
+        let bytes = &self.scratch.read[rest];
+        let first = Pass {
+            received: bytes.len(),
+            replies: entry.conn.feed_first(bytes, &mut self.scratch.out),
+            ..Pass::default()
+        };
+        // The hooks and timers see the first bytes; the pass that follows
+        // sends their replies (left in the shared buffer) and reads on.
+        if let Session::Serving(state) = &mut entry.session {
+            self.hooks.on_pass(state, &first, &entry.conn);
+        }
+        if let Some(due) = entry
+            .timers
+            .after_pass(self.clock.moment, &first, &entry.conn, true)
+        {
+            self.timers.push(due, key);
+        }
+        self.drive(key);
+    }
+}
