@@ -236,8 +236,6 @@ struct ListenerSlot {
     counter: Option<ListenerCounter>,
     /// An edge said "connections waiting" and the backlog was not drained.
     ready: bool,
-    /// A PROXY-protocol listener: connections start with a header.
-    proxy: bool,
 }
 
 /// A connection in the core's slab, with its place in the deadline heap.
@@ -318,13 +316,18 @@ pub enum CoreMsg {
 }
 
 /// A worker's share of a reload: its sockets for the new listeners, the
-/// listeners to close, and the limits for new connections.
+/// listeners to close, the listeners kept with a new configuration, and the
+/// limits for new connections.
 #[derive(Debug)]
 pub struct Reconfigure {
     /// New listening sockets (already bound and listening).
     pub add: Vec<Listener>,
-    /// Listeners to close, by configured address; their connections go on.
-    pub remove: Vec<crate::config::ListenAddr>,
+    /// Listeners to close, by bound address; their connections go on.
+    pub remove: Vec<std::net::SocketAddr>,
+    /// Listeners kept (same bound address) whose configuration changed: the
+    /// host's spelling or the PROXY flag. The socket stays; connections
+    /// accepted from now on take the new flag, open ones keep theirs.
+    pub change: Vec<(std::net::SocketAddr, crate::config::ListenAddr)>,
     /// Limits for connections accepted from now on.
     pub limits: Limits,
     /// Access rules for connections accepted from now on.
@@ -453,10 +456,7 @@ impl Core {
     /// with this loop and looks at its backlog at once.
     fn listener_attach(&mut self, mut listener: Listener) -> io::Result<()> {
         // Named by the address it is bound to (port 0 resolved).
-        let name: Arc<str> = match listener.socket.local_addr() {
-            Ok(at) => at.to_string().into(),
-            Err(_) => listener.addr.to_string().into(),
-        };
+        let name: Arc<str> = listener.at.to_string().into();
         let counter = self
             .observers
             .metrics
@@ -469,20 +469,20 @@ impl Core {
             Interest::READABLE,
         )?;
         // The backlog may already hold connections: look at once.
-        let proxy = listener.addr.proxy;
         entry.insert(ListenerSlot {
             listener,
             name,
             counter,
             ready: true,
-            proxy,
         });
         Ok(())
     }
 
     /// Step 0: applies what the control thread sent (a reload). Listeners
-    /// removed close now; their connections go on until they end. New
-    /// limits apply to connections accepted from now on.
+    /// removed close now; their connections go on until they end. Kept
+    /// listeners take their new configuration (the PROXY flag) and new
+    /// limits apply, both to connections accepted from now on: an open
+    /// connection keeps the mode and limits it was accepted with.
     fn apply_control(&mut self) {
         let Some(rx) = &self.control else {
             return;
@@ -496,11 +496,18 @@ impl Core {
             let gone: Vec<usize> = self
                 .listeners
                 .iter()
-                .filter(|(_, ls)| r.remove.contains(&ls.listener.addr))
+                .filter(|(_, ls)| r.remove.contains(&ls.listener.at))
                 .map(|(k, _)| k)
                 .collect();
             for key in gone {
                 self.listeners.remove(key); // closes the socket
+            }
+            for (at, addr) in r.change {
+                for (_, ls) in self.listeners.iter_mut() {
+                    if ls.listener.at == at {
+                        ls.listener.addr = addr.clone();
+                    }
+                }
             }
             for listener in r.add {
                 let addr = listener.addr.clone();
@@ -623,7 +630,9 @@ impl Core {
         // listener::bind).
         // SPEC §6: refused before anything is read (on a PROXY listener the
         // rules and the per-source limit wait for the header).
-        let proxied = self.listeners[li].proxy;
+        // The listener's mode now: a reload may flip it for the connections
+        // accepted after it; this one keeps it to its end.
+        let proxied = self.listeners[li].listener.addr.proxy;
         let mut permit = None;
         let refused = if proxied {
             (!self.trusted_proxy(peer)).then_some(RefuseReason::Header(HeaderFailure::Untrusted))

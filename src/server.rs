@@ -69,16 +69,48 @@ pub struct OpenListeners {
     pub bound: Vec<SocketAddr>,
 }
 
-/// Opens `addrs` once per worker. With several workers each address is
-/// first probed ([`listener::probe_free`]), because their SO_REUSEPORT
-/// sockets would otherwise share a port with any other process that asks;
-/// port 0 is resolved once, so every worker shares the port.
+/// `xps_getaddrinfo()` for every listener: the first address each host
+/// resolves to. Two listeners that resolve to the same socket address
+/// (`localhost:8001` and `127.0.0.1:8001`) would be one socket: an error
+/// naming both, the same at start-up, `--check` and reload. Port 0 ("any
+/// free port") is a listener of its own each time.
+pub fn resolve_all(addrs: &[ListenAddr]) -> Result<Vec<SocketAddr>, ListenError> {
+    let mut resolved: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let at = listener::resolve(addr)?;
+        if at.port() != 0
+            && let Some(j) = resolved.iter().position(|&r| r == at)
+        {
+            return Err(ListenError {
+                addr: addr.clone(),
+                reason: format!("the same address ({at}) as {}", addrs[j]),
+            });
+        }
+        resolved.push(at);
+    }
+    Ok(resolved)
+}
+
+/// Resolves `addrs` ([`resolve_all`]) and opens them once per worker.
 pub fn open_listeners(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {
+    let resolved = resolve_all(addrs)?;
+    let pairs: Vec<(ListenAddr, SocketAddr)> = addrs.iter().cloned().zip(resolved).collect();
+    open_resolved(&pairs, workers)
+}
+
+/// Opens each resolved listener once per worker. With several workers each
+/// address is first probed ([`listener::probe_free`]), because their
+/// SO_REUSEPORT sockets would otherwise share a port with any other process
+/// that asks; port 0 is resolved once, so every worker shares the port.
+pub fn open_resolved(
+    addrs: &[(ListenAddr, SocketAddr)],
+    workers: usize,
+) -> Result<OpenListeners, ListenError> {
     let reuse_port = workers > 1;
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let mut at: SocketAddr = listener::resolve(addr)?;
+    for (addr, at) in addrs {
+        let mut at = *at;
         if reuse_port {
             at = listener::probe_free(addr, at)?;
         }
@@ -89,7 +121,7 @@ pub fn open_listeners(addrs: &[ListenAddr], workers: usize) -> Result<OpenListen
                 reason: format!("getsockname(): {}", crate::os_reason(&e)),
             })?;
             at.set_port(local.port());
-            list.push(Listener::new(socket, addr.clone()));
+            list.push(Listener::new(socket, addr.clone(), at));
         }
         bound.push(at);
     }
@@ -118,7 +150,7 @@ fn adopt_listeners(
             let copy = socket.try_clone().map_err(|e| {
                 ServerError::Fatal(format!("dup(LISTEN_FDS socket): {}", crate::os_reason(&e)))
             })?;
-            list.push(Listener::new(copy, addr.clone()));
+            list.push(Listener::new(copy, addr.clone(), at));
         }
         bound.push(at);
     }
@@ -218,7 +250,8 @@ impl Stopper {
 /// options and the config file were already validated by
 /// [`Settings::from_cli`], the one validation path start-up uses too.
 pub fn check(settings: &Settings) -> Result<(), ServerError> {
-    for addr in settings.listeners.iter().chain(&settings.metrics) {
+    resolve_all(&settings.listeners).map_err(ServerError::Listen)?;
+    if let Some(addr) = &settings.metrics {
         listener::resolve(addr).map_err(ServerError::Listen)?;
     }
     Ok(())
@@ -253,6 +286,20 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         None => {
             open_listeners(&settings.listeners, settings.workers).map_err(ServerError::Listen)?
         }
+    };
+    // What a reload compares the new listeners with (systemd's sockets are
+    // never reloaded).
+    let running = match activated_flag {
+        true => Vec::new(),
+        false => settings
+            .listeners
+            .iter()
+            .zip(&open.bound)
+            .map(|(addr, &at)| reload::Running {
+                addr: addr.clone(),
+                at,
+            })
+            .collect(),
     };
     let notifier = Notifier::from_env();
     let (metrics, access_log) = open_observers(settings)?;
@@ -317,6 +364,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         reloader: Reloader {
             cli,
             current: settings.clone(),
+            running,
             activated: activated_flag,
             workers: links,
             slots: slots.clone(),

@@ -150,19 +150,24 @@ fn socket_for(addr: &ListenAddr, at: SocketAddr, reuse_port: bool) -> Result<Soc
 pub struct Listener {
     /// The non-blocking listening socket.
     pub socket: mio::net::TcpListener,
-    /// The address as configured, for logs.
+    /// The address as configured, for logs; on a kept listener a reload
+    /// replaces it (a new spelling of the host, a new PROXY flag).
     pub addr: ListenAddr,
+    /// The address the socket is bound to (port 0 resolved): what the
+    /// listener *is*, across reloads (see `control::reload`).
+    pub at: SocketAddr,
     /// While set, accepting is paused until then (out of file descriptors or
     /// memory: nginx's accept back-off).
     pub paused_until: Option<Instant>,
 }
 
 impl Listener {
-    /// Wraps a socket made by [`bind`].
-    pub fn new(socket: std::net::TcpListener, addr: ListenAddr) -> Listener {
+    /// Wraps a socket made by [`bind`], bound to `at`.
+    pub fn new(socket: std::net::TcpListener, addr: ListenAddr, at: SocketAddr) -> Listener {
         Listener {
             socket: mio::net::TcpListener::from_std(socket),
             addr,
+            at,
             paused_until: None,
         }
     }
