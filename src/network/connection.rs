@@ -342,7 +342,9 @@ enum LineClock {
 /// What moved on a connection, for the access log and the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Bytes read from the client.
+    /// Bytes read from the client and given to the reverser: a PROXY
+    /// header's bytes are the balancer's and are not counted, so a finished
+    /// connection has received = sent.
     pub received: u64,
     /// Bytes written to the client.
     pub sent: u64,

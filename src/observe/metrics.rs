@@ -269,7 +269,7 @@ struct WorkerBlock {
     refused: [Single; 3],
     /// Replies queued.
     lines: Single,
-    /// Bytes read from clients.
+    /// Bytes read from clients, after any PROXY header (not the client's).
     received: Single,
     /// Bytes written to clients.
     sent: Single,
@@ -576,7 +576,7 @@ impl Metrics {
             ),
             (
                 "xps_received_bytes_total",
-                "Bytes read from clients.",
+                "Bytes read from clients, not counting PROXY protocol headers.",
                 sum(&|b| b.received.get()),
             ),
             (
@@ -1215,7 +1215,7 @@ xps_connections_refused_total{{reason=\"proxy_header\"}} 0
 # HELP xps_lines_total Replies sent: lines and overlong segments.
 # TYPE xps_lines_total counter
 xps_lines_total 7
-# HELP xps_received_bytes_total Bytes read from clients.
+# HELP xps_received_bytes_total Bytes read from clients, not counting PROXY protocol headers.
 # TYPE xps_received_bytes_total counter
 xps_received_bytes_total 70
 # HELP xps_sent_bytes_total Bytes written to clients.
