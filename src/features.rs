@@ -18,12 +18,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admission::{self, AccessRules, BudgetView, BufferBudget, Refusal, SourceLimits, SourcePermit};
-use crate::config::ListenAddr;
+use crate::admission::{
+    self, AccessRules, BudgetView, BufferBudget, Refusal, SourceLimits, SourcePermit,
+};
+use crate::config::{ListenAddr, Settings};
 use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep, Verdict};
 use crate::network::connection::{Connection, Pass};
 use crate::network::io::CloseReason;
-use crate::network::proxy_header::{HeaderFailure, HeaderReader, ProxyError, ProxyHeader, HEADER_TIMEOUT};
+use crate::network::proxy_header::{
+    HEADER_TIMEOUT, HeaderFailure, HeaderReader, ProxyError, ProxyHeader,
+};
 use crate::observe::access_log::{AccessLog, Record};
 use crate::observe::metrics::{AcceptError, ListenerCounter, Metrics, WorkerMetrics};
 use crate::slots::Slots;
@@ -46,6 +50,18 @@ pub struct Admission {
     pub sources: Arc<SourceLimits>,
     /// `--max-buffered`, over all workers.
     pub budget: Arc<BufferBudget>,
+}
+
+impl Admission {
+    /// SPEC §6's admission from the settings, shared by every worker.
+    pub fn from_settings(settings: &Settings) -> Admission {
+        Admission {
+            rules: Arc::new(settings.access.clone()),
+            proxy_from: AccessRules::trusted_proxies(&settings.proxy_from).map(Arc::new),
+            sources: SourceLimits::new(settings.max_connections_per_source),
+            budget: BufferBudget::new(settings.max_buffered, settings.workers),
+        }
+    }
 }
 
 impl Default for Admission {
@@ -322,9 +338,17 @@ impl Hooks for Features {
         };
         if listener.proxy {
             // The rules and the per-source limit wait for the header's client.
-            let trusted = self.admission.proxy_from.as_ref().is_none_or(|r| r.allows(peer.ip()));
+            let trusted = self
+                .admission
+                .proxy_from
+                .as_ref()
+                .is_none_or(|r| r.allows(peer.ip()));
             if !trusted {
-                self.refuse(Refusal::ProxyHeader(HeaderFailure::Untrusted), ended(Some(peer)), now);
+                self.refuse(
+                    Refusal::ProxyHeader(HeaderFailure::Untrusted),
+                    ended(Some(peer)),
+                    now,
+                );
                 return Verdict::Refuse;
             }
             return Verdict::Preface {
@@ -401,7 +425,9 @@ impl Hooks for Features {
             totals: (0, 0, 0),
         };
         let failure = match why {
-            PrefaceEnd::Bad => HeaderFailure::Malformed(p.error.unwrap_or(ProxyError::BadSignature)),
+            PrefaceEnd::Bad => {
+                HeaderFailure::Malformed(p.error.unwrap_or(ProxyError::BadSignature))
+            }
             PrefaceEnd::Closed => HeaderFailure::Closed,
             PrefaceEnd::Timeout => HeaderFailure::Timeout,
             // Not the header's fault: counted as an ordinary close.

@@ -22,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod event_loop;
+pub mod features;
 pub mod network;
 pub mod observe;
 pub mod protocol;

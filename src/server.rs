@@ -21,7 +21,7 @@ use std::sync::mpsc;
 use std::thread;
 
 use crate::config::{Cli, Settings};
-use crate::control::reload::{Reloader, WorkerLink};
+use crate::control::reload::{Reloader, Running, WorkerLink};
 use crate::control::signals::{self, Stopper};
 use crate::control::systemd::{self, Notifier};
 use crate::core::{Core, Shared, Target};
@@ -55,7 +55,8 @@ impl std::fmt::Display for ServerError {
 /// options and the config file were already validated by
 /// [`Settings::from_cli`], the one validation path start-up uses too.
 pub fn check(settings: &Settings) -> Result<(), ServerError> {
-    for addr in settings.listeners.iter().chain(&settings.metrics) {
+    listener::resolve_all(&settings.listeners).map_err(ServerError::Listen)?;
+    if let Some(addr) = &settings.metrics {
         listener::resolve(addr).map_err(ServerError::Listen)?;
     }
     Ok(())
@@ -84,10 +85,25 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     let activated = systemd::listen_fds().map_err(ServerError::Fatal)?;
     let activated_flag = activated.is_some();
     let open = match activated {
-        Some(sockets) => systemd::adopt_listeners(sockets, settings.workers)
-            .map_err(ServerError::Fatal)?,
+        Some(sockets) => {
+            systemd::adopt_listeners(sockets, settings.workers).map_err(ServerError::Fatal)?
+        }
         None => listener::create_all(&settings.listeners, settings.workers)
             .map_err(ServerError::Listen)?,
+    };
+    // What a reload compares the new listeners with (systemd's sockets are
+    // never reloaded).
+    let running: Vec<Running> = match activated_flag {
+        true => Vec::new(),
+        false => settings
+            .listeners
+            .iter()
+            .zip(&open.bound)
+            .map(|(addr, &at)| Running {
+                addr: addr.clone(),
+                at,
+            })
+            .collect(),
     };
     let notifier = Notifier::from_env();
     let observers = observe::open(settings).map_err(|e| match e {
@@ -147,6 +163,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     let reloader = Reloader {
         cli,
         current: settings.clone(),
+        running,
         activated: activated_flag,
         workers: links,
         slots: slots.clone(),
@@ -292,7 +309,7 @@ pub fn supervise(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
 
     /// A worker that runs until `stop` is set, like an event loop.

@@ -36,24 +36,6 @@ fn round_trip(port: u16, line: &str) {
     );
 }
 
-/// SIGHUP, then waits for the reload's outcome line; returns it.
-fn reload(server: &mut Server) -> String {
-    let before = server.drain_log().len();
-    server.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = server.drain_log();
-        if let Some(l) = log[before..]
-            .iter()
-            .find(|l| l.contains("configuration reloaded") || l.contains("reload failed"))
-        {
-            return l.clone();
-        }
-        assert!(Instant::now() < deadline, "no reload outcome: {log:?}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn a_reload_adds_and_removes_listeners_and_keeps_open_connections() {
     let (p1, p2) = (free_port(), free_port());
@@ -62,7 +44,7 @@ fn a_reload_adds_and_removes_listeners_and_keeps_open_connections() {
     round_trip(p1, "before");
 
     write(&path, &config(&[p1, p2], ""));
-    let line = reload(&mut server);
+    let line = server.reload();
     assert!(
         line.ends_with("configuration reloaded: listeners +1 -0"),
         "{line}"
@@ -79,7 +61,7 @@ fn a_reload_adds_and_removes_listeners_and_keeps_open_connections() {
     stays.write_all(b"one\n").unwrap();
     assert_eq!(read_exact_n(&mut stays, 4), b"eno\n");
     write(&path, &config(&[p1], ""));
-    let line = reload(&mut server);
+    let line = server.reload();
     assert!(
         line.ends_with("configuration reloaded: listeners +0 -1"),
         "{line}"
@@ -107,7 +89,7 @@ fn a_reload_changes_the_idle_timeout_for_new_connections() {
     old.write_all(b"first\n").unwrap(); // accepted (and served) before the reload
     assert_eq!(read_exact_n(&mut old, 6), b"tsrif\n");
     write(&path, &config(&[p], r#""idle_timeout":1,"#));
-    let line = reload(&mut server);
+    let line = server.reload();
     assert!(line.ends_with("listeners +0 -0"), "{line}");
     let mut new = connect(p);
     let t = Instant::now();
@@ -138,7 +120,7 @@ fn a_bad_reload_changes_nothing() {
     let mut server = Server::start(&[path.to_str().unwrap(), "--metrics", "127.0.0.1:0"], 1);
     // Not JSON: the error names the file and the position.
     write(&path, "{\n  \"servers\": [\n");
-    let line = reload(&mut server);
+    let line = server.reload();
     assert!(line.contains("reload failed"), "{line}");
     assert!(
         line.contains(&format!("config file {}: line 3:0", path.display())),
@@ -151,7 +133,7 @@ fn a_bad_reload_changes_nothing() {
     let taken = busy.local_addr().unwrap().port();
     let other = free_port();
     write(&path, &config(&[p, other, taken], ""));
-    let line = reload(&mut server);
+    let line = server.reload();
     assert!(
         line.contains(&format!(
             "cannot listen on 127.0.0.1:{taken}: bind(): Address already in use"
@@ -165,7 +147,7 @@ fn a_bad_reload_changes_nothing() {
     );
     // And a good one after them works.
     write(&path, &config(&[p, other], ""));
-    assert!(reload(&mut server).ends_with("listeners +1 -0"));
+    assert!(server.reload().ends_with("listeners +1 -0"));
     round_trip(other, "now");
     let mport = server.metrics_port();
     let mut s = connect(mport);
@@ -211,7 +193,7 @@ fn no_connection_is_refused_on_an_unchanged_listener_during_20_reloads() {
     for i in 0..20 {
         let ports: &[u16] = if i % 2 == 0 { &[p, q] } else { &[p] };
         write(&path, &config(ports, ""));
-        let line = reload(&mut server);
+        let line = server.reload();
         assert!(line.contains("configuration reloaded"), "{line}");
     }
     stop.store(true, Ordering::Relaxed);
@@ -244,7 +226,7 @@ fn a_reload_changes_the_access_rules_for_new_connections() {
     old.write_all(b"first\n").unwrap(); // accepted (and served) before the reload
     assert_eq!(read_exact_n(&mut old, 6), b"tsrif\n");
     write(&path, &config(&[p], r#""access":[{"deny":"all"}],"#));
-    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    assert!(server.reload().ends_with("listeners +0 -0"));
     // A new connection is refused: closed before anything is read.
     let mut new = connect(p);
     let _ = new.write_all(b"hello\n");
@@ -257,7 +239,7 @@ fn a_reload_changes_the_access_rules_for_new_connections() {
     old.write_all(b"old\n").unwrap();
     assert_eq!(read_exact_n(&mut old, 4), b"dlo\n");
     write(&path, &config(&[p], ""));
-    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    assert!(server.reload().ends_with("listeners +0 -0"));
     round_trip(p, "allowed again");
 }
 
@@ -267,7 +249,7 @@ fn a_change_of_workers_is_named_and_waits_for_a_restart() {
     let path = temp_file("xps.json", &config(&[p], r#""workers":1,"#));
     let mut server = Server::start(&[path.to_str().unwrap()], 1);
     write(&path, &config(&[p], r#""workers":2,"#));
-    assert!(reload(&mut server).ends_with("listeners +0 -0"));
+    assert!(server.reload().ends_with("listeners +0 -0"));
     assert!(
         server.wait_log(
             "workers (1 -> 2) changed: takes effect at the next restart",

@@ -6,14 +6,18 @@
 //! 1. The command line given at start-up is merged with the file again by
 //!    [`Settings::from_cli`] — the one validation path that start-up and
 //!    `--check` use too — so options given on the command line still win.
-//! 2. The listener lists are compared ([`diff`]). Listeners whose address is
-//!    unchanged keep their sockets: nothing is closed and re-bound, so no
-//!    connection attempt to them is refused during a reload. New ones are
-//!    opened for every worker *before* anything changes.
+//! 2. The new listeners are resolved and compared with the running ones
+//!    ([`plan`]): a listener is the same listener when it resolves to the
+//!    same socket address. Those keep their sockets: nothing is closed and
+//!    re-bound, so no connection attempt to them is refused during a
+//!    reload, and what is not the address (the host's spelling, the PROXY
+//!    flag) changes in place. New ones are opened for every worker *before*
+//!    anything changes.
 //! 3. Only when everything that can fail has succeeded (the config parsed,
 //!    every new socket bound, a new access-log path opened) is the change
 //!    committed: each worker is sent its new sockets, the listeners to close
-//!    the limits and access rules for new connections ([`Reconfigure`]),
+//!    and to change, the limits and access rules for new connections
+//!    ([`Reconfigure`]),
 //!    and woken (the per-source limit and the buffer bound, shared by all
 //!    workers, change in place). Any
 //!    failure before that is logged and changes nothing.
@@ -35,18 +39,136 @@ use crate::config::{Cli, ListenAddr, Settings};
 use crate::control::systemd::Notifier;
 use crate::core::{Control, Reconfigure};
 use crate::features::{Admission, Features, Update};
-use crate::network::listener;
+use crate::network::listener::{self, ListenError};
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::slots::Slots;
 use crate::utils::logger::Level;
 use crate::xps_log;
 
-/// The listeners `new` adds to `old`, and those it removes, in order.
-pub fn diff(old: &[ListenAddr], new: &[ListenAddr]) -> (Vec<ListenAddr>, Vec<ListenAddr>) {
-    let added = new.iter().filter(|a| !old.contains(a)).cloned().collect();
-    let removed = old.iter().filter(|a| !new.contains(a)).cloned().collect();
-    (added, removed)
+/// A listener as it runs: its configuration and the address its sockets
+/// are bound to (port 0 resolved).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// As configured (the host as written, the PROXY flag).
+    pub addr: ListenAddr,
+    /// Where its sockets are bound: what the listener *is*.
+    pub at: SocketAddr,
+}
+
+/// How a reload changes the listeners ([`plan`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// New listeners to open, with the address each resolved to.
+    pub added: Vec<(ListenAddr, SocketAddr)>,
+    /// Running listeners to close.
+    pub removed: Vec<Running>,
+    /// Running listeners kept whose configuration changes in place: the
+    /// old one and the new one (same bound address).
+    pub changed: Vec<(Running, ListenAddr)>,
+    /// For each new listener, in order: the bound address of the running
+    /// listener it keeps, or `None` if it is added.
+    pub kept: Vec<Option<SocketAddr>>,
+}
+
+/// Compares the running listeners with the new list (`resolved[i]` is
+/// where `new[i]` resolves to, from `listener::resolve_all`, which rejects
+/// two that resolve to the same address).
+///
+/// A listener is the same listener when it resolves to the same socket
+/// address: `localhost:8001` keeps the socket of `127.0.0.1:8001`, and a
+/// flipped `proxy_protocol` changes the kept listener in place — binding
+/// the address again would fail on xps's own socket. A port-0 listener
+/// (only from `--listen`, which a reload cannot change) resolves to port 0,
+/// not to the port it got: it is the running port-0 listener written the
+/// same way, in order.
+pub fn plan(running: &[Running], new: &[ListenAddr], resolved: &[SocketAddr]) -> Plan {
+    let mut taken = vec![false; running.len()];
+    let mut out = Plan::default();
+    for (addr, &at) in new.iter().zip(resolved) {
+        let found = running.iter().enumerate().position(|(j, r)| {
+            !taken[j]
+                && if addr.port == 0 {
+                    r.addr.port == 0 && r.addr.host == addr.host
+                } else {
+                    r.at == at
+                }
+        });
+        match found {
+            Some(j) => {
+                taken[j] = true;
+                let r = &running[j];
+                if r.addr != *addr {
+                    out.changed.push((r.clone(), addr.clone()));
+                }
+                out.kept.push(Some(r.at));
+            }
+            None => {
+                out.added.push((addr.clone(), at));
+                out.kept.push(None);
+            }
+        }
+    }
+    out.removed = running
+        .iter()
+        .zip(&taken)
+        .filter(|&(_, &t)| !t)
+        .map(|(r, _)| r.clone())
+        .collect();
+    out
+}
+
+/// The reload's log line: `listeners +A -R`, and when kept listeners
+/// changed in place ` ~C (ADDR: what; ...)`, naming each change.
+fn summary(plan: &Plan) -> String {
+    let mut s = format!("listeners +{} -{}", plan.added.len(), plan.removed.len());
+    if !plan.changed.is_empty() {
+        let what: Vec<String> = plan
+            .changed
+            .iter()
+            .map(|(old, new)| {
+                let mut parts = Vec::new();
+                if old.addr.proxy != new.proxy {
+                    let flag = |on: bool| if on { "on" } else { "off" };
+                    parts.push(format!(
+                        "proxy_protocol {} -> {}",
+                        flag(old.addr.proxy),
+                        flag(new.proxy)
+                    ));
+                }
+                if old.addr.host != new.host {
+                    parts.push(format!("host {} -> {}", old.addr.host, new.host));
+                }
+                format!("{}: {}", old.at, parts.join(", "))
+            })
+            .collect();
+        s.push_str(&format!(" ~{} ({})", plan.changed.len(), what.join("; ")));
+    }
+    s
+}
+
+/// A bind of a new listener failed with EADDRINUSE where a listener this
+/// reload removes holds the port (`0.0.0.0:8001` -> `127.0.0.1:8001`): it
+/// is only closed once the reload commits, so say so instead of leaving
+/// the operator to hunt for another process.
+fn explain_in_use(e: ListenError, at: Option<SocketAddr>, removed: &[Running]) -> String {
+    let holder = at.and_then(|at| {
+        removed.iter().find(|r| {
+            r.at.port() == at.port()
+                && r.at.is_ipv4() == at.is_ipv4()
+                && (r.at.ip().is_unspecified() || at.ip().is_unspecified())
+        })
+    });
+    let in_use = crate::os_reason(&std::io::Error::from_raw_os_error(libc::EADDRINUSE));
+    match holder {
+        Some(r) if e.reason.ends_with(&in_use) => format!(
+            "{e} (held by xps's own listener {}, which this reload removes: \
+             it closes only once the reload succeeds, so remove it in one reload \
+             and add {} in the next)",
+            r.addr, e.addr
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// A way to reach one worker's core.
@@ -63,8 +185,9 @@ pub struct Reloader {
     pub cli: Cli,
     /// The settings the server runs with now.
     pub current: Settings,
-    /// The address each of `current.listeners` is bound to, in order.
-    pub bound: Vec<SocketAddr>,
+    /// The listeners as they run, in configuration order (empty with
+    /// socket activation).
+    pub running: Vec<Running>,
     /// The listeners came from systemd (socket activation).
     pub activated: bool,
     /// One link per worker.
@@ -128,7 +251,7 @@ impl Reloader {
     /// changed, in the log's words.
     fn reload(&mut self) -> Result<String, String> {
         let new = Settings::from_cli(self.cli.clone()).map_err(|e| e.to_string())?;
-        let (added, removed) = if self.activated {
+        let plan = if self.activated {
             if new.listeners != self.current.listeners {
                 xps_log!(
                     Level::Warning,
@@ -136,14 +259,21 @@ impl Reloader {
                     "listeners come from systemd (socket activation): their changes are ignored"
                 );
             }
-            (Vec::new(), Vec::new())
+            Plan::default()
         } else {
-            diff(&self.current.listeners, &new.listeners)
+            let resolved = listener::resolve_all(&new.listeners).map_err(|e| e.to_string())?;
+            plan(&self.running, &new.listeners, &resolved)
         };
         self.warn_fixed(&new);
         // Everything that can fail, before anything changes.
-        let opened =
-            listener::create_all(&added, self.workers.len()).map_err(|e| e.to_string())?;
+        let opened = listener::create_resolved(&plan.added, self.workers.len()).map_err(|e| {
+            let at = plan
+                .added
+                .iter()
+                .find(|(a, _)| *a == e.addr)
+                .map(|&(_, at)| at);
+            explain_in_use(e, at, &plan.removed)
+        })?;
         let new_log_path = match (&self.current.access_log, &new.access_log) {
             (Some(old), Some(path)) if old != path => {
                 check_writable(path)?;
@@ -155,21 +285,17 @@ impl Reloader {
         let limits = new.limits();
         let rules = Arc::new(new.access.clone());
         let proxy_from = AccessRules::trusted_proxies(&new.proxy_from).map(Arc::new);
-        let remove: Vec<SocketAddr> = self
-            .current
-            .listeners
-            .iter()
-            .zip(&self.bound)
-            .filter(|(a, _)| removed.contains(a))
-            .map(|(_, at)| *at)
-            .collect();
         let (applied, acks) = std::sync::mpsc::channel();
         let mut sent = 0;
         for (link, add) in self.workers.iter().zip(opened.per_worker) {
             let msg = Control::Reconfigure(Reconfigure {
                 add,
-                remove: remove.clone(),
-                changed: Vec::new(),
+                remove: plan.removed.iter().map(|r| r.at).collect(),
+                changed: plan
+                    .changed
+                    .iter()
+                    .map(|(old, new)| (old.at, new.clone()))
+                    .collect(),
                 limits,
                 update: Update {
                     rules: rules.clone(),
@@ -221,20 +347,24 @@ impl Reloader {
         if self.activated {
             current.listeners = self.current.listeners.clone();
         } else {
-            let mut bound = Vec::with_capacity(current.listeners.len());
-            for addr in &current.listeners {
-                let old = self.current.listeners.iter().position(|a| a == addr);
-                let new = added.iter().position(|a| a == addr);
-                match (old, new) {
-                    (Some(i), _) => bound.push(self.bound[i]),
-                    (None, Some(j)) => bound.push(opened.bound[j]),
-                    (None, None) => {}
-                }
-            }
-            self.bound = bound;
+            // The new list, each kept listener at its socket's address and
+            // each added one at the address it was just bound to.
+            let mut bound = opened.bound.iter();
+            self.running = current
+                .listeners
+                .iter()
+                .zip(&plan.kept)
+                .filter_map(|(addr, kept)| {
+                    let at = kept.or_else(|| bound.next().copied())?;
+                    Some(Running {
+                        addr: addr.clone(),
+                        at,
+                    })
+                })
+                .collect();
         }
         self.current = current;
-        Ok(format!("listeners +{} -{}", added.len(), removed.len()))
+        Ok(summary(&plan))
     }
 
     /// Names, in one warning each, what changed but waits for a restart.
@@ -286,21 +416,106 @@ fn check_writable(path: &std::path::Path) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn at(port: u16) -> ListenAddr {
+    fn addr(host: &str, port: u16, proxy: bool) -> ListenAddr {
         ListenAddr {
-            host: "127.0.0.1".to_string(),
+            host: host.to_string(),
             port,
-            proxy: false,
+            proxy,
         }
     }
 
+    fn sock(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn running(a: ListenAddr, at: SocketAddr) -> Running {
+        Running { addr: a, at }
+    }
+
     #[test]
-    fn the_diff_keeps_unchanged_listeners() {
-        let (added, removed) = diff(&[at(1), at(2), at(3)], &[at(3), at(1), at(4)]);
-        assert_eq!(added, [at(4)]);
-        assert_eq!(removed, [at(2)]);
-        let (added, removed) = diff(&[at(1)], &[at(1)]);
-        assert!(added.is_empty() && removed.is_empty());
+    fn the_plan_keeps_unchanged_listeners() {
+        let run: Vec<Running> = [1, 2, 3]
+            .iter()
+            .map(|&p| running(addr("127.0.0.1", p, false), sock(p)))
+            .collect();
+        let new = [
+            addr("127.0.0.1", 3, false),
+            addr("127.0.0.1", 1, false),
+            addr("127.0.0.1", 4, false),
+        ];
+        let p = plan(&run, &new, &[sock(3), sock(1), sock(4)]);
+        assert_eq!(p.added, [(addr("127.0.0.1", 4, false), sock(4))]);
+        assert_eq!(p.removed, [run[1].clone()]);
+        assert!(p.changed.is_empty());
+        assert_eq!(p.kept, [Some(sock(3)), Some(sock(1)), None]);
+        assert_eq!(summary(&p), "listeners +1 -1");
+        let p = plan(&run[..1], &new[1..2], &[sock(1)]);
+        assert_eq!(
+            p,
+            Plan {
+                kept: vec![Some(sock(1))],
+                ..Plan::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_listener_is_its_resolved_address() {
+        // The same address written another way, and with the PROXY flag
+        // flipped: kept and changed in place, never re-bound.
+        let run = [running(addr("127.0.0.1", 8001, false), sock(8001))];
+        let new = [addr("localhost", 8001, true)];
+        let p = plan(&run, &new, &[sock(8001)]);
+        assert!(p.added.is_empty() && p.removed.is_empty(), "{p:?}");
+        assert_eq!(p.changed, [(run[0].clone(), new[0].clone())]);
+        assert_eq!(p.kept, [Some(sock(8001))]);
+        assert_eq!(
+            summary(&p),
+            "listeners +0 -0 ~1 (127.0.0.1:8001: proxy_protocol off -> on, host 127.0.0.1 -> localhost)"
+        );
+    }
+
+    #[test]
+    fn port_0_listeners_are_matched_by_how_they_are_written_in_order() {
+        // `--listen 127.0.0.1:0` twice: bound to two ports, each resolving
+        // to port 0 again on reload.
+        let run = [
+            running(addr("127.0.0.1", 0, false), sock(40001)),
+            running(addr("127.0.0.1", 0, true), sock(40002)),
+        ];
+        let new = [addr("127.0.0.1", 0, false), addr("127.0.0.1", 0, true)];
+        let p = plan(&run, &new, &[sock(0), sock(0)]);
+        assert!(
+            p.added.is_empty() && p.removed.is_empty() && p.changed.is_empty(),
+            "{p:?}"
+        );
+        assert_eq!(p.kept, [Some(sock(40001)), Some(sock(40002))]);
+    }
+
+    #[test]
+    fn a_bind_failure_on_a_port_this_reload_frees_is_explained() {
+        let removed = [running(
+            addr("0.0.0.0", 8001, false),
+            SocketAddr::from(([0, 0, 0, 0], 8001)),
+        )];
+        let e = ListenError {
+            addr: addr("127.0.0.1", 8001, false),
+            reason: "bind(): Address already in use".to_string(),
+        };
+        let text = explain_in_use(e, Some(sock(8001)), &removed);
+        assert!(
+            text.starts_with("cannot listen on 127.0.0.1:8001: bind(): Address already in use (held by xps's own listener 0.0.0.0:8001"),
+            "{text}"
+        );
+        // Another process holding it: the OS reason alone.
+        let e = ListenError {
+            addr: addr("127.0.0.1", 8002, false),
+            reason: "bind(): Address already in use".to_string(),
+        };
+        assert_eq!(
+            explain_in_use(e, Some(sock(8002)), &removed),
+            "cannot listen on 127.0.0.1:8002: bind(): Address already in use"
+        );
     }
 
     #[test]

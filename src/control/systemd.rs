@@ -39,8 +39,36 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Type};
 
+use crate::config::ListenAddr;
+use crate::network::listener::{Listener, OpenListeners};
 use crate::utils::logger::Level;
 use crate::xps_log;
+
+/// The sockets systemd passed (socket activation), once per worker: every
+/// worker accepts from the same sockets. They carry no PROXY flag (see
+/// docs/load-balancing.md).
+pub fn adopt_listeners(sockets: Vec<TcpListener>, workers: usize) -> Result<OpenListeners, String> {
+    let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let at = socket
+            .local_addr()
+            .map_err(|e| format!("LISTEN_FDS socket: {}", crate::os_reason(&e)))?;
+        let addr = ListenAddr {
+            host: at.ip().to_string(),
+            port: at.port(),
+            proxy: false,
+        };
+        for list in per_worker.iter_mut() {
+            let copy = socket
+                .try_clone()
+                .map_err(|e| format!("dup(LISTEN_FDS socket): {}", crate::os_reason(&e)))?;
+            list.push(Listener::new(copy, addr.clone(), at));
+        }
+        bound.push(at);
+    }
+    Ok(OpenListeners { per_worker, bound })
+}
 
 /// The first fd systemd passes (`SD_LISTEN_FDS_START`).
 pub const LISTEN_FDS_START: RawFd = 3;

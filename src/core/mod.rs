@@ -41,8 +41,8 @@ use crate::utils::ratelimit::RateLimited;
 use crate::xps_log;
 
 pub use control::{Control, Reconfigure};
-pub use hooks::{Hooks, Verdict};
 use fairness::Queue;
+pub use hooks::{Hooks, Verdict};
 use session::{Entry, Session};
 use timers::{Clock, ConnTimers, Expiry, TimeoutSecs, Timers};
 

@@ -9,9 +9,9 @@
 
 use std::ops::Range;
 
+use crate::core::Core;
 use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep};
 use crate::core::timers::{ConnTimers, TimeoutSecs};
-use crate::core::Core;
 use crate::network::connection::{Connection, Pass, RawRead};
 
 /// What the hooks keep for a connection, by where it is.
@@ -49,10 +49,13 @@ impl<H: Hooks> Core<H> {
                 RawRead::Drained => return,
                 RawRead::Closed => break PrefaceEnd::Closed,
                 RawRead::Failed(reason) => break PrefaceEnd::Failed(reason),
-                RawRead::Data(n) => match self.hooks.preface_feed(preface, &self.scratch.read[..n]) {
+                RawRead::Data(n) => match self.hooks.preface_feed(preface, &self.scratch.read[..n])
+                {
                     PrefaceStep::More => {}
                     PrefaceStep::Bad => break PrefaceEnd::Bad,
-                    PrefaceStep::Done(used) => return self.serve_after_preface(key, used.min(n)..n),
+                    PrefaceStep::Done(used) => {
+                        return self.serve_after_preface(key, used.min(n)..n);
+                    }
                 },
             }
         };

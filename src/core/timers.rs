@@ -240,7 +240,8 @@ impl ConnTimers {
                 after_secs: self.secs.line,
             });
         }
-        let mut idle_due = (self.secs.idle > 0).then(|| self.last_active.after_secs(self.secs.idle));
+        let mut idle_due =
+            (self.secs.idle > 0).then(|| self.last_active.after_secs(self.secs.idle));
         if let Some(due) = idle_due
             && due <= now
         {

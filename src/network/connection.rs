@@ -290,7 +290,10 @@ impl Connection {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
                 self.flow = Flow::Paused;
                 pass.paused = true;
-                trace(self.id, "flow control: 1 MiB of replies wait, reading paused");
+                trace(
+                    self.id,
+                    "flow control: 1 MiB of replies wait, reading paused",
+                );
                 return;
             }
             if pass.received >= READ_BUDGET {
@@ -348,42 +351,49 @@ impl Connection {
     /// not take for its next writable edge.
     pub fn write_handler(&mut self, scratch: &mut Scratch, pass: &mut Pass) {
         let out = &scratch.out;
-        let result = if self.pending_len() == 0 {
+        if self.pending_len() == 0 {
             // The common case: send straight from the shared buffer, and
-            // copy only a tail the socket refused.
-            self.send(out).map(|n| {
-                if n < out.len() {
+            // keep only a tail the socket refused.
+            match self.send(out) {
+                Ok(n) if n < out.len() => {
                     self.pending.clear();
                     self.sent = 0;
                     self.pending.extend_from_slice(&out[n..]);
+                    pass.sent += n;
                 }
-                n
-            })
-        } else {
-            if !out.is_empty() {
-                self.pending.drain(..self.sent as usize);
-                self.sent = 0;
-                self.pending.extend_from_slice(out);
+                Ok(n) => pass.sent += n,
+                Err(reason) => pass.next = Next::Close(reason),
             }
-            let pending = std::mem::take(&mut self.pending);
-            let result = self.send(&pending[self.sent as usize..]);
-            self.pending = pending;
-            result.map(|n| {
-                self.sent += n as u32;
-                if self.sent as usize == self.pending.len() {
-                    self.pending.clear();
-                    self.sent = 0;
-                    if self.pending.capacity() > KEEP_CAPACITY {
-                        self.pending = Vec::new();
-                    }
-                }
-                n
-            })
-        };
-        match result {
+            return;
+        }
+        // Older replies wait: these go behind them.
+        if !out.is_empty() {
+            self.pending.drain(..self.sent as usize);
+            self.sent = 0;
+            self.pending.extend_from_slice(out);
+        }
+        match self.send_pending() {
             Ok(n) => pass.sent += n,
             Err(reason) => pass.next = Next::Close(reason),
         }
+    }
+
+    /// Sends what `pending` holds from `sent` on, once; frees a large buffer
+    /// once it is all sent.
+    fn send_pending(&mut self) -> Result<usize, CloseReason> {
+        let pending = std::mem::take(&mut self.pending);
+        let result = self.send(&pending[self.sent as usize..]);
+        self.pending = pending;
+        let n = result?;
+        self.sent += n as u32;
+        if self.sent as usize == self.pending.len() {
+            self.pending.clear();
+            self.sent = 0;
+            if self.pending.capacity() > KEEP_CAPACITY {
+                self.pending = Vec::new();
+            }
+        }
+        Ok(n)
     }
 
     /// One `send()` of `data` if the socket is writable; a refusal waits for

@@ -172,6 +172,9 @@ mod tests {
             CloseReason::LineTimeout { after_secs: 7 }.to_string(),
             "line not completed within 7 s"
         );
-        assert_eq!(CloseReason::LineTimeout { after_secs: 7 }.label(), "line_timeout");
+        assert_eq!(
+            CloseReason::LineTimeout { after_secs: 7 }.label(),
+            "line_timeout"
+        );
     }
 }

@@ -165,16 +165,49 @@ pub struct OpenListeners {
     pub bound: Vec<SocketAddr>,
 }
 
-/// Opens `addrs` once per worker. With several workers each address is
-/// first probed ([`probe_free`]), because their SO_REUSEPORT sockets would
-/// otherwise share a port with any other process that asks; port 0 is
-/// resolved once, so every worker shares the port.
+/// `xps_getaddrinfo()` for every listener: the first address each host
+/// resolves to. Two listeners that resolve to the same socket address
+/// (`localhost:8001` and `127.0.0.1:8001`) would be one socket: an error
+/// naming both, the same at start-up, `--check` and reload. Port 0 ("any
+/// free port") is a listener of its own each time.
+pub fn resolve_all(addrs: &[ListenAddr]) -> Result<Vec<SocketAddr>, ListenError> {
+    let mut resolved: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let at = resolve(addr)?;
+        if at.port() != 0
+            && let Some(j) = resolved.iter().position(|&r| r == at)
+        {
+            return Err(ListenError {
+                addr: addr.clone(),
+                reason: format!("the same address ({at}) as {}", addrs[j]),
+            });
+        }
+        resolved.push(at);
+    }
+    Ok(resolved)
+}
+
+/// Resolves `addrs` ([`resolve_all`]) and opens each once per worker
+/// ([`create_resolved`]).
 pub fn create_all(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {
+    let resolved = resolve_all(addrs)?;
+    let pairs: Vec<(ListenAddr, SocketAddr)> = addrs.iter().cloned().zip(resolved).collect();
+    create_resolved(&pairs, workers)
+}
+
+/// Opens each resolved listener once per worker. With several workers each
+/// address is first probed ([`probe_free`]), because their SO_REUSEPORT
+/// sockets would otherwise share a port with any other process that asks;
+/// port 0 is resolved once, so every worker shares the port.
+pub fn create_resolved(
+    addrs: &[(ListenAddr, SocketAddr)],
+    workers: usize,
+) -> Result<OpenListeners, ListenError> {
     let reuse_port = workers > 1;
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::with_capacity(addrs.len());
-    for addr in addrs {
-        let mut at: SocketAddr = resolve(addr)?;
+    for (addr, at) in addrs {
+        let mut at = *at;
         if reuse_port {
             at = probe_free(addr, at)?;
         }
@@ -184,7 +217,7 @@ pub fn create_all(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners,
                 .local_addr()
                 .map_err(|e| failed(addr, "getsockname()", e))?;
             at.set_port(local.port());
-            list.push(Listener::new(socket, addr.clone()));
+            list.push(Listener::new(socket, addr.clone(), at));
         }
         bound.push(at);
     }
@@ -196,9 +229,11 @@ pub fn create_all(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners,
 pub struct Listener {
     /// The non-blocking listening socket.
     pub socket: mio::net::TcpListener,
-    /// The address as configured (host as written, PROXY flag).
+    /// The address as configured (host as written, PROXY flag); on a kept
+    /// listener a reload replaces it.
     pub addr: ListenAddr,
-    /// The address it is bound to (port 0 resolved): what identifies it.
+    /// The address it is bound to (port 0 resolved): what the listener *is*,
+    /// across reloads (see `control::reload`).
     pub bound: SocketAddr,
     /// While set, accepting is paused until then (out of file descriptors or
     /// memory: nginx's accept back-off).
@@ -225,11 +260,8 @@ pub enum Backlog {
 }
 
 impl Listener {
-    /// Wraps a socket made by [`create`].
-    pub fn new(socket: std::net::TcpListener, addr: ListenAddr) -> Listener {
-        let bound = socket.local_addr().unwrap_or_else(|_| {
-            SocketAddr::from(([0, 0, 0, 0], addr.port))
-        });
+    /// Wraps a socket made by [`create`], bound to `bound`.
+    pub fn new(socket: std::net::TcpListener, addr: ListenAddr, bound: SocketAddr) -> Listener {
         Listener {
             socket: mio::net::TcpListener::from_std(socket),
             addr,
@@ -242,7 +274,12 @@ impl Listener {
     /// empty, [`ACCEPT_BUDGET`] connections are taken, the connection cap is
     /// reached, or the OS refuses; each new socket (with the slot taken for
     /// it before `accept()`) or failure is appended to `out`.
-    pub fn connection_handler(&mut self, now: Instant, slots: &std::sync::Arc<Slots>, out: &mut Vec<Accept>) -> Backlog {
+    pub fn connection_handler(
+        &mut self,
+        now: Instant,
+        slots: &std::sync::Arc<Slots>,
+        out: &mut Vec<Accept>,
+    ) -> Backlog {
         for _ in 0..ACCEPT_BUDGET {
             let Some(slot) = slots.try_acquire() else {
                 return Backlog::Left; // at the cap: clients wait in the backlog

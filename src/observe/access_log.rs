@@ -128,7 +128,8 @@ pub struct Record {
     pub worker: usize,
     /// From accept to the end.
     pub duration: Duration,
-    /// Bytes read from the client (after any PROXY header).
+    /// Bytes read from the client after any PROXY header (the header is
+    /// the balancer's, not the client's; a refused connection has 0).
     pub received: u64,
     /// Bytes written to the client.
     pub sent: u64,

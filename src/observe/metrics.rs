@@ -202,7 +202,7 @@ struct WorkerBlock {
     refused: [Single; Refusal::LABELS.len()],
     /// Replies queued.
     lines: Single,
-    /// Bytes read from clients.
+    /// Bytes read from clients, after any PROXY header (not the client's).
     received: Single,
     /// Bytes written to clients.
     sent: Single,
@@ -509,7 +509,7 @@ impl Metrics {
             ),
             (
                 "xps_received_bytes_total",
-                "Bytes read from clients.",
+                "Bytes read from clients, not counting PROXY protocol headers.",
                 sum(&|b| b.received.get()),
             ),
             (
@@ -1139,6 +1139,7 @@ xps_connections_closed_total{{reason=\"finished\"}} 1
 xps_connections_closed_total{{reason=\"reset\"}} 0
 xps_connections_closed_total{{reason=\"error\"}} 0
 xps_connections_closed_total{{reason=\"idle_timeout\"}} 0
+xps_connections_closed_total{{reason=\"line_timeout\"}} 0
 xps_connections_closed_total{{reason=\"shutdown\"}} 0
 # HELP xps_connections_refused_total Accepted connections turned away before being served, by reason.
 # TYPE xps_connections_refused_total counter
@@ -1148,7 +1149,7 @@ xps_connections_refused_total{{reason=\"proxy_header\"}} 0
 # HELP xps_lines_total Replies sent: lines and overlong segments.
 # TYPE xps_lines_total counter
 xps_lines_total 7
-# HELP xps_received_bytes_total Bytes read from clients.
+# HELP xps_received_bytes_total Bytes read from clients, not counting PROXY protocol headers.
 # TYPE xps_received_bytes_total counter
 xps_received_bytes_total 70
 # HELP xps_sent_bytes_total Bytes written to clients.
@@ -1198,7 +1199,9 @@ xps_access_log_dropped_total 3
                         w.received(10);
                         w.sent(10);
                         w.closed(&CloseReason::Reset(io::ErrorKind::ConnectionReset.into()));
-                        w.refused(Refusal::ProxyHeader(crate::network::proxy_header::HeaderFailure::Closed));
+                        w.refused(Refusal::ProxyHeader(
+                            crate::network::proxy_header::HeaderFailure::Closed,
+                        ));
                     }
                     w.accept_error(AcceptError::Other);
                 })
@@ -1280,7 +1283,10 @@ xps_access_log_dropped_total 3
         for _ in 0..5 {
             w.accepted(&l);
         }
-        w.closed(&CloseReason::IdleTimeout { stalled_writer: false, after_secs: 1 });
+        w.closed(&CloseReason::IdleTimeout {
+            stalled_writer: false,
+            after_secs: 1,
+        });
         w.closed(&CloseReason::Shutdown);
         w.refused(Refusal::PerSourceLimit);
         let text = xps_text(&m);

@@ -5,5 +5,92 @@
 //!   format behind `--metrics HOST:PORT`.
 //! * [`access_log`]: one JSON line per connection that ends, written by a
 //!   dedicated thread so the event loop never waits for the disk.
+//!
+//! [`open`] starts what the settings ask for, before any worker runs.
 pub mod access_log;
 pub mod metrics;
+
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::network::listener::{self, ListenError};
+use crate::utils::logger::Level;
+use crate::xps_log;
+use access_log::{AccessLog, AccessLogWriter};
+use metrics::{Metrics, WorkerMetrics};
+
+/// What observes the server, each part only if configured.
+pub struct Observers {
+    /// The metrics registry (its HTTP endpoint runs on threads of its own).
+    pub metrics: Option<Arc<Metrics>>,
+    /// The access log's handle for the workers, and its writer thread.
+    log: Option<(AccessLog, AccessLogWriter)>,
+}
+
+/// Why [`open`] failed: start-up stops with exit status 1.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The metrics address cannot be opened.
+    Listen(ListenError),
+    /// A thread or the access log's file.
+    Fatal(String),
+}
+
+/// Opens the metrics endpoint and the access log the settings ask for.
+pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
+    let metrics = match &settings.metrics {
+        None => None,
+        Some(addr) => {
+            let at = listener::resolve(addr).map_err(OpenError::Listen)?;
+            let socket = std::net::TcpListener::bind(at).map_err(|e| {
+                OpenError::Listen(ListenError {
+                    addr: addr.clone(),
+                    reason: format!("bind(): {}", crate::os_reason(&e)),
+                })
+            })?;
+            let local = socket.local_addr().unwrap_or(at);
+            let metrics = Metrics::new(settings.workers);
+            metrics::serve(socket, metrics.clone()).map_err(|e| {
+                OpenError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
+            })?;
+            xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
+            Some(metrics)
+        }
+    };
+    let log = match &settings.access_log {
+        None => None,
+        Some(path) => {
+            let dropped = metrics
+                .as_ref()
+                .map_or_else(Default::default, |m| m.access_log_dropped());
+            Some(access_log::open(path, dropped).map_err(|e| {
+                OpenError::Fatal(format!(
+                    "cannot open access log {}: {}",
+                    path.display(),
+                    crate::os_reason(&e)
+                ))
+            })?)
+        }
+    };
+    Ok(Observers { metrics, log })
+}
+
+impl Observers {
+    /// Worker `worker`'s counting handle and the registry, with metrics on.
+    pub fn worker_metrics(&self, worker: usize) -> Option<(Arc<Metrics>, WorkerMetrics)> {
+        let m = self.metrics.as_ref()?;
+        m.take_worker(worker).map(|w| (m.clone(), w))
+    }
+
+    /// A handle on the access log, if it is on.
+    pub fn access_log(&self) -> Option<AccessLog> {
+        self.log.as_ref().map(|(log, _)| log.clone())
+    }
+
+    /// At exit: flushes the access log.
+    pub fn close(self) {
+        if let Some((_, writer)) = self.log {
+            writer.close();
+        }
+    }
+}

@@ -155,6 +155,25 @@ impl Server {
         }
     }
 
+    /// SIGHUP, then waits (up to 10 s) for the reload's outcome line
+    /// ("configuration reloaded" or "reload failed") and returns it.
+    pub fn reload(&mut self) -> String {
+        let before = self.drain_log().len();
+        self.signal(libc::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.drain_log();
+            if let Some(l) = log[before..]
+                .iter()
+                .find(|l| l.contains("configuration reloaded") || l.contains("reload failed"))
+            {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "no reload outcome: {log:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Resident set size of the server in KiB (from /proc).
     pub fn rss_kib(&self) -> u64 {
         proc_status_kib(self.child.id(), "VmRSS:")
@@ -331,4 +350,58 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
         .parse()
         .unwrap()
+}
+
+/// The body of `GET /metrics` from the endpoint on 127.0.0.1:`port`.
+pub fn scrape(port: u16) -> String {
+    let mut s = connect(port);
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap()
+}
+
+/// A PROXY protocol v1 header for `src` → `dst` (same family).
+pub fn proxy_v1(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
+    let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {fam} {} {} {} {}\r\n",
+        src.ip(),
+        dst.ip(),
+        src.port(),
+        dst.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY protocol v2 `PROXY` header over TCP for `src` → `dst` (both
+/// IPv4 or both IPv6), with one TLV (PP2_TYPE_NOOP, skipped by the server).
+pub fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8> {
+    use std::net::SocketAddr::{V4, V6};
+    let mut block = Vec::new();
+    let fam = match (src, dst) {
+        (V4(s), V4(d)) => {
+            block.extend_from_slice(&s.ip().octets());
+            block.extend_from_slice(&d.ip().octets());
+            0x11
+        }
+        (V6(s), V6(d)) => {
+            block.extend_from_slice(&s.ip().octets());
+            block.extend_from_slice(&d.ip().octets());
+            0x21
+        }
+        _ => panic!("mixed families"),
+    };
+    block.extend_from_slice(&src.port().to_be_bytes());
+    block.extend_from_slice(&dst.port().to_be_bytes());
+    block.extend_from_slice(&[0x04, 0x00, 0x03, b'a', b'b', b'c']);
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.push(0x21); // version 2, PROXY
+    h.push(fam);
+    h.extend_from_slice(&(block.len() as u16).to_be_bytes());
+    h.extend_from_slice(&block);
+    h
 }
