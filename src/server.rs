@@ -10,6 +10,9 @@
 //!    one "listening" line per address.
 //! 3. Start the signal thread ([`spawn_signal_thread`]): the first
 //!    SIGINT/SIGTERM stops every worker gracefully; a second exits at once.
+//!    It runs until the process exits, so the second signal works also
+//!    while the access log's writer gets its last seconds
+//!    ([`AccessLogWriter::close`], bounded by [`access_log::CLOSE_GRACE`]).
 //! 4. Run the workers on threads and supervise them ([`supervise`]): if one
 //!    fails or panics, the others are stopped gracefully and the process
 //!    exits 1 with the reason — never a silent, half-alive server.
@@ -358,7 +361,6 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         shared,
         wakers: Arc::new(wakers),
     };
-    let signal_handle = signals.handle();
     let control = Control {
         stopper: stopper.clone(),
         reloader: Reloader {
@@ -397,10 +399,14 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         || stopper.stop_all(),
         || notifier.status(&status_text(slots.taken())),
     );
-    signal_handle.close();
-    let _ = signal_thread.join();
+    // The signal thread is neither closed nor joined: it runs until the
+    // process exits, so a second SIGINT/SIGTERM exits at once also while the
+    // access log's writer is given its last seconds below.
+    drop(signal_thread);
     if let Some((_, writer)) = access_log {
-        writer.close(); // flushes every line queued
+        // Writes every record queued, or gives up on a blocked writer after
+        // CLOSE_GRACE, counting what it holds as dropped.
+        writer.close();
     }
     match result {
         Err(e) => Err(ServerError::Fatal(e)),
