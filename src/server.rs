@@ -7,7 +7,10 @@
 //!    "listening" line: exit status 1 with one line naming the address.
 //! 2. Build one [`Core`] per worker, each on its own [`EventLoop`] with its
 //!    [`Features`]; then log one "listening" line per address.
-//! 3. Start the signal thread ([`signals::spawn`]).
+//! 3. Start the signal thread ([`signals::spawn`]). It runs until the
+//!    process exits, so a second signal exits at once also while the access
+//!    log's writer gets its last seconds (bounded by
+//!    `access_log::CLOSE_GRACE`).
 //! 4. Run the workers on threads and supervise them ([`supervise`]): if one
 //!    fails or panics, the others are stopped gracefully and the process
 //!    exits 1 with the reason — never a silent, half-alive server.
@@ -195,8 +198,13 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         || stopper.stop_all(),
         || notifier.status(&status_text(slots.taken())),
     );
-    observers.close(); // flushes the access log
-    signal_thread.close();
+    // The signal thread is neither closed nor joined: it runs until the
+    // process exits, so a second SIGINT/SIGTERM exits at once also while the
+    // access log's writer is given its last seconds here.
+    drop(signal_thread);
+    // Writes every record queued, or gives up on a blocked writer after
+    // CLOSE_GRACE, counting what it holds as dropped.
+    observers.close();
     match result {
         Err(e) => Err(ServerError::Fatal(e)),
         Ok(()) => {

@@ -15,7 +15,7 @@ use std::thread;
 
 use mio::Waker;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
-use signal_hook::iterator::{Handle, Signals};
+use signal_hook::iterator::Signals;
 
 use crate::control::reload::Reloader;
 use crate::control::systemd::Notifier;
@@ -58,20 +58,11 @@ pub fn catch() -> std::io::Result<Caught> {
     Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).map(Caught)
 }
 
-/// The running signal thread.
+/// The running signal thread. It is never joined: it acts on signals until
+/// the process exits.
 pub struct SignalThread {
-    /// Ends its iteration.
-    handle: Handle,
     /// The thread.
-    thread: thread::JoinHandle<()>,
-}
-
-impl SignalThread {
-    /// Stops the thread (at exit, once every worker has ended).
-    pub fn close(self) {
-        self.handle.close();
-        let _ = self.thread.join();
-    }
+    _thread: thread::JoinHandle<()>,
 }
 
 /// Starts the signal thread.
@@ -82,7 +73,6 @@ pub fn spawn(
     notifier: Notifier,
 ) -> std::io::Result<SignalThread> {
     let Caught(mut signals) = caught;
-    let handle = signals.handle();
     let thread = thread::Builder::new()
         .name("xps-signals".into())
         .spawn(move || {
@@ -111,5 +101,5 @@ pub fn spawn(
                 }
             }
         })?;
-    Ok(SignalThread { handle, thread })
+    Ok(SignalThread { _thread: thread })
 }

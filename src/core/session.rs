@@ -103,3 +103,21 @@ impl<H: Hooks> Core<H> {
         self.drive(key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Entry<()>={} Entry<Features>={} Connection={} ConnTimers={} Session<F>={} ConnState={}",
+            std::mem::size_of::<Entry<()>>(),
+            std::mem::size_of::<Entry<crate::features::Features>>(),
+            std::mem::size_of::<Connection>(),
+            std::mem::size_of::<ConnTimers>(),
+            std::mem::size_of::<Session<crate::features::Features>>(),
+            std::mem::size_of::<crate::features::ConnState>(),
+        );
+    }
+}

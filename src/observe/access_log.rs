@@ -41,8 +41,8 @@
 //! it: a send only wakes a receiver that waits, so under load ending a
 //! connection costs the worker no futex wake-up. (Formatting on the worker
 //! and a wake-up per line cost 11–25 % more CPU per connection in churn;
-//! see docs/performance.md.) [`AccessLog::log`] formats and sends one line,
-//! for callers that are not event loops. This is nginx's `access_log ... buffer= flush=`
+//! see docs/performance.md.) [`AccessLog::log`] sends one record the same
+//! way, for callers that are not event loops. This is nginx's `access_log ... buffer= flush=`
 //! without its risk of the worker blocking when the buffer fills, and
 //! HAProxy's choice of never letting logging slow down traffic (it logs over
 //! a non-blocking UDP socket and drops when the receiver is behind).
@@ -53,6 +53,32 @@
 //! blocked, and the operator can see exactly how many lines are missing. The
 //! queue is bounded (by default [`DEFAULT_CAPACITY`] lines, a few MiB at
 //! most) so a stalled disk cannot grow memory either.
+//!
+//! # Every record is in the file whole, or counted as dropped
+//!
+//! SPEC §5: records in the file(s) + dropped = connections ended, and a line
+//! is written whole or not at all. So the writer keeps its own buffer of
+//! whole lines (a `BufWriter` hides where a short write stopped) and counts,
+//! after each `write(2)`, the lines it finished. On a full disk a write is
+//! cut short, mid-line, and the next fails: the half line is cut off again
+//! (`ftruncate` back to the last whole line, if nothing was written after
+//! it), and every record not written whole is counted as dropped — also at a
+//! reopen, where the old buffer is settled before the file is switched. A
+//! pipe (stdout) is written in pieces of whole lines of at most `PIPE_BUF`
+//! bytes, which a pipe takes whole or not at all.
+//!
+//! # Shutdown, whatever the disk does
+//!
+//! SPEC §4: exit within a few seconds. A `write(2)` to a pipe nobody reads,
+//! or to a hung NFS mount, blocks, and no signal interrupts it; so
+//! [`AccessLogWriter::close`] waits for the writer's last flush at most
+//! [`CLOSE_GRACE`], then leaves it behind to die with the process. Records
+//! handed to the writer and not yet written whole are counted as they go
+//! (`Pending::outstanding`: a batch is added by the worker with the one
+//! atomic it already paid, the writer subtracts what each write settled), so
+//! the closer knows how many to count as dropped while the writer is stuck.
+//! The total dropped is logged at exit: `[WARNING] xps_access_log() : access
+//! log: N record(s) not written, dropped`.
 //!
 //! # Rotation and reload
 //!
@@ -71,7 +97,8 @@
 //! its error returned, so start-up fails with a clear message. A failed
 //! reopen is logged once and the writer keeps writing to the old file (and
 //! keeps its old path). Failed writes are logged once until a write succeeds
-//! again; the lines that could not be written are counted as dropped.
+//! again; the lines that could not be written are counted as dropped (and
+//! not retried: the buffer stays bounded).
 //!
 //! The path `-` means stdout. The file is opened with `O_APPEND` (so
 //! `copytruncate` and several writers are safe) and created with mode `0640`
@@ -79,11 +106,12 @@
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Seek, Write};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -106,6 +134,14 @@ const BATCH_WINDOW: Duration = Duration::from_millis(50);
 
 /// Size of the writer's buffer: one `write(2)` per this many bytes at most.
 const BUFFER_BYTES: usize = 64 * 1024;
+
+/// At shutdown, how long the writer may take to write what it holds before
+/// the process exits without it (SPEC §4: exit within a few seconds,
+/// whatever the disk does).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// At shutdown, a writer not done after this long is named in the log.
+const CLOSE_NOTICE: Duration = Duration::from_millis(250);
 
 /// Where the logger's lines say they come from.
 const SOURCE: &str = "xps_access_log()";
@@ -344,10 +380,9 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 /// What the writer thread is asked to do, in queue order.
 enum Msg {
-    /// A formatted line, `\n` included.
-    Line(String),
-    /// Records of one worker's loop turn, formatted by the writer (so the
-    /// worker spends nothing on formatting), counted in `Pending::records`.
+    /// Records of one worker's loop turn (or one [`AccessLog::log`]),
+    /// formatted by the writer (so the worker spends nothing on formatting),
+    /// counted in `Pending::outstanding`.
     Batch(Vec<Record>),
     /// Flush, reopen the current path (`None`) or open a new one.
     Reopen(Option<PathBuf>),
@@ -360,18 +395,25 @@ enum Msg {
     Pause(SyncSender<()>, Receiver<()>),
 }
 
-/// The out-of-band reopen request, used only when the queue is full.
+/// State shared by the handles, the writer thread and its closer.
 struct Pending {
     /// Set (SeqCst) after `path` is stored; the writer swaps it back before
     /// each message.
     flag: AtomicBool,
     /// The new path of a `reopen_at`; `None` for a plain reopen.
     path: Mutex<Option<PathBuf>>,
-    /// Records queued in batches and not yet written: with `capacity`, the
-    /// bound on what batches may hold (a write per batch, not per record).
-    records: std::sync::atomic::AtomicUsize,
-    /// The queue's capacity in lines.
+    /// Records handed to the writer and not yet settled (written whole or
+    /// counted as dropped): queued, in its buffer, or being written. Workers
+    /// add a batch at once; the writer subtracts what a `write(2)` settled.
+    /// With `capacity`, the bound on what the queue and the buffer hold.
+    /// A close that gives up on a blocked writer drops what is left here.
+    outstanding: AtomicUsize,
+    /// The queue's capacity in records.
     capacity: usize,
+    /// Held while records are settled; `true` once a close gave up on the
+    /// writer and counted everything outstanding as dropped: the writer
+    /// settles nothing after that, so no record is counted twice.
+    abandoned: Mutex<bool>,
 }
 
 /// The handle workers log through: cheap to clone (one `Arc` and a channel
@@ -390,31 +432,28 @@ impl std::fmt::Debug for AccessLog {
 }
 
 impl AccessLog {
-    /// Formats `r` and queues it for the writer. If the queue is full (or the
-    /// writer has ended), the line is dropped and the dropped counter
-    /// incremented. Never blocks, never touches the disk.
+    /// Queues a copy of `r` for the writer, as a batch of one: for callers
+    /// that are not event loops. If the queue is full (or the writer has
+    /// ended), it is dropped and counted. Never blocks, never touches the
+    /// disk.
     pub fn log(&self, r: &Record) {
-        let mut line = String::with_capacity(224);
-        format_record(r, &mut line);
-        if self.tx.try_send(Msg::Line(line)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        self.log_batch(&mut vec![r.clone()]);
     }
 
     /// Queues every record of `batch` (leaving it empty, its capacity kept)
     /// in one message: a worker sends what ended in one loop turn at once,
     /// and the writer thread formats it, so ending a connection costs the
-    /// worker a push onto a vector. If the queue already holds its capacity
+    /// worker a push onto a vector. If the writer already holds its capacity
     /// of records, the whole batch is dropped and counted. Never blocks.
     pub fn log_batch(&self, batch: &mut Vec<Record>) {
         if batch.is_empty() {
             return;
         }
         let n = batch.len();
-        let queued = self.pending.records.fetch_add(n, Ordering::Relaxed);
+        let queued = self.pending.outstanding.fetch_add(n, Ordering::Relaxed);
         let records = std::mem::replace(batch, Vec::with_capacity(batch.capacity()));
         if queued + n > self.pending.capacity || self.tx.try_send(Msg::Batch(records)).is_err() {
-            self.pending.records.fetch_sub(n, Ordering::Relaxed);
+            self.pending.outstanding.fetch_sub(n, Ordering::Relaxed);
             self.dropped.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
@@ -455,12 +494,16 @@ impl AccessLog {
 }
 
 /// Owns the writer thread. [`close`](AccessLogWriter::close) (or dropping it)
-/// writes and flushes everything queued before it, then joins the thread.
-/// Close it after the workers have stopped logging: lines logged afterwards
-/// are counted as dropped.
+/// writes and flushes everything queued before it, waiting for that at most
+/// [`CLOSE_GRACE`]. Close it after the workers have stopped logging: lines
+/// logged afterwards are counted as dropped.
 pub struct AccessLogWriter {
     tx: SyncSender<Msg>,
     thread: Option<JoinHandle<()>>,
+    /// Disconnected when the writer thread ends (its sender is dropped).
+    done: Receiver<()>,
+    pending: Arc<Pending>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AccessLogWriter {
@@ -470,34 +513,115 @@ impl std::fmt::Debug for AccessLogWriter {
 }
 
 impl AccessLogWriter {
-    /// Flushes everything queued and joins the writer thread. Waits for the
-    /// disk (this is the one place that may): call it at shutdown, not from an
-    /// event loop.
-    pub fn close(self) {
-        drop(self);
+    /// [`close_within`](AccessLogWriter::close_within) [`CLOSE_GRACE`]: what
+    /// shutdown calls, from the main thread after the workers ended.
+    pub fn close(mut self) -> u64 {
+        self.finish(CLOSE_GRACE)
+    }
+
+    /// Asks the writer to write everything queued and end, and waits for
+    /// that at most `grace`. If the writer is still blocked then (a pipe
+    /// nobody reads, a hung NFS mount: a `write(2)` no signal interrupts),
+    /// the records it has not written whole are counted as dropped and it is
+    /// left behind, to die with the process. Logs that, and the total of
+    /// records dropped since start if any. Returns the records given up here.
+    pub fn close_within(mut self, grace: Duration) -> u64 {
+        self.finish(grace)
+    }
+
+    fn finish(&mut self, grace: Duration) -> u64 {
+        let Some(thread) = self.thread.take() else {
+            return 0;
+        };
+        let start = Instant::now();
+        let deadline = start + grace;
+        let (mut close_sent, mut noticed, mut ended) = (false, false, false);
+        loop {
+            // Close goes behind the queued batches, so all of them are
+            // written first; while the queue is full, try again shortly.
+            if !close_sent {
+                close_sent = !matches!(self.tx.try_send(Msg::Close), Err(TrySendError::Full(_)));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            if !noticed && now - start >= CLOSE_NOTICE {
+                noticed = true;
+                xps_log!(
+                    Level::Warning,
+                    SOURCE,
+                    "access log: the writer has not finished; waiting up to {} s for it \
+                     (a second SIGINT/SIGTERM exits at once)",
+                    grace.as_secs_f32()
+                );
+            }
+            let step = if close_sent && noticed {
+                deadline - now
+            } else {
+                (deadline - now).min(Duration::from_millis(10))
+            };
+            if let Err(RecvTimeoutError::Disconnected) | Ok(()) = self.done.recv_timeout(step) {
+                ended = true;
+                break;
+            }
+        }
+        if ended {
+            let _ = thread.join();
+        } else {
+            // Left behind, not joined: the thread ends with the process.
+            drop(thread);
+        }
+        // Under the lock the writer settles with: if it is still running, it
+        // can count nothing after this, so nothing is counted twice. What is
+        // outstanding now was not written (0 unless the writer is blocked,
+        // or panicked).
+        let mut abandoned = self
+            .pending
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *abandoned = true;
+        let lost = self.pending.outstanding.load(Ordering::SeqCst);
+        self.pending.outstanding.fetch_sub(lost, Ordering::SeqCst);
+        self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        drop(abandoned);
+        if !ended {
+            xps_log!(
+                Level::Warning,
+                SOURCE,
+                "access log: the writer is still blocked after {} s (the disk or pipe takes no writes); \
+                 exiting without it",
+                grace.as_secs_f32()
+            );
+        }
+        let total = self.dropped.load(Ordering::Relaxed);
+        if total > 0 {
+            xps_log!(
+                Level::Warning,
+                SOURCE,
+                "access log: {total} record(s) not written, dropped"
+            );
+        }
+        lost as u64
     }
 }
 
 impl Drop for AccessLogWriter {
     fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            // Blocking send: waits for room behind the queued lines, which
-            // are all written before the writer sees Close.
-            let _ = self.tx.send(Msg::Close);
-            let _ = thread.join();
-        }
+        self.finish(CLOSE_GRACE);
     }
 }
 
 /// Opens `path` (`-` = stdout) for appending and starts the writer thread with
-/// a queue of [`DEFAULT_CAPACITY`] lines. `dropped` counts the lines that
+/// a queue of [`DEFAULT_CAPACITY`] records. `dropped` counts the records that
 /// could not be queued or written (for `xps_access_log_dropped_total`).
 /// Errors: the file cannot be opened or created, or the thread not started.
 pub fn open(path: &Path, dropped: Arc<AtomicU64>) -> io::Result<(AccessLog, AccessLogWriter)> {
     open_with_capacity(path, DEFAULT_CAPACITY, dropped)
 }
 
-/// [`open`] with a queue of `capacity` lines (at least 1).
+/// [`open`] with a queue of `capacity` records (at least 1).
 pub fn open_with_capacity(
     path: &Path,
     capacity: usize,
@@ -508,56 +632,75 @@ pub fn open_with_capacity(
     let pending = Arc::new(Pending {
         flag: AtomicBool::new(false),
         path: Mutex::new(None),
-        records: std::sync::atomic::AtomicUsize::new(0),
+        outstanding: AtomicUsize::new(0),
         capacity: capacity.max(1),
+        abandoned: Mutex::new(false),
     });
     let mut writer = Writer {
         sink,
         rx,
         pending: Arc::clone(&pending),
         dropped: Arc::clone(&dropped),
+        buf: String::with_capacity(BUFFER_BYTES + 512),
+        carry: Vec::new(),
+        buf_records: 0,
         dirty_since: None,
         write_failing: false,
         time: TimeText::default(),
     };
+    let (done_tx, done) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("xps-access-log".into())
-        .spawn(move || writer.run())?;
+        .spawn(move || {
+            let _done = done_tx; // dropped when the thread ends, also by a panic
+            writer.run();
+        })?;
     Ok((
         AccessLog {
             tx: tx.clone(),
-            pending,
-            dropped,
+            pending: Arc::clone(&pending),
+            dropped: Arc::clone(&dropped),
         },
         AccessLogWriter {
             tx,
             thread: Some(thread),
+            done,
+            pending,
+            dropped,
         },
     ))
 }
 
-/// Where the lines go: a path (or stdout) and the buffered writer for it.
+/// Where the lines go: a path (or stdout) and the file written to.
 struct Sink {
     /// `None` for stdout.
     path: Option<PathBuf>,
-    out: BufWriter<Box<dyn Write + Send>>,
+    /// The file, or a duplicate of stdout (written directly, not through
+    /// `io::stdout()`'s buffer and lock).
+    file: File,
+    /// A regular file: a torn last line can be cut off. Anything else (a
+    /// pipe, a terminal) is written in pieces of at most `PIPE_BUF` bytes,
+    /// which a pipe takes whole or not at all.
+    regular: bool,
 }
 
 impl Sink {
     fn open(path: &Path) -> io::Result<Sink> {
-        let (path, w): (_, Box<dyn Write + Send>) = if path.as_os_str() == "-" {
-            (None, Box::new(io::stdout()))
+        let (path, file) = if path.as_os_str() == "-" {
+            (None, File::from(io::stdout().as_fd().try_clone_to_owned()?))
         } else {
             let f: File = OpenOptions::new()
                 .append(true)
                 .create(true)
                 .mode(0o640)
                 .open(path)?;
-            (Some(path.to_path_buf()), Box::new(f))
+            (Some(path.to_path_buf()), f)
         };
+        let regular = file.metadata()?.file_type().is_file();
         Ok(Sink {
             path,
-            out: BufWriter::with_capacity(BUFFER_BYTES, w),
+            file,
+            regular,
         })
     }
 
@@ -567,6 +710,40 @@ impl Sink {
             None => "stdout".to_string(),
         }
     }
+
+    /// Removes the `torn` bytes our last write left at the end of a regular
+    /// file (the start of a line it could not finish), if nothing was
+    /// written after them. With `O_APPEND` the offset is where our write
+    /// ended; without it (stdout redirected with `>`) too, and the offset is
+    /// moved back so the next write leaves no hole.
+    fn cut_torn(&mut self, torn: u64) -> io::Result<()> {
+        if !self.regular {
+            return Err(io::Error::other("not a regular file"));
+        }
+        let end = self.file.stream_position()?;
+        let size = self.file.metadata()?.len();
+        if end != size || end < torn {
+            return Err(io::Error::other("the file changed after the write"));
+        }
+        self.file.set_len(end - torn)?;
+        self.file.seek(io::SeekFrom::Start(end - torn))?;
+        Ok(())
+    }
+}
+
+/// From `off`, the end of the whole lines of `bytes` that fit in `PIPE_BUF`
+/// (or of the one line, if longer): a write of at most `PIPE_BUF` bytes to
+/// a pipe is atomic, so a reader that stalls or goes away never gets half a
+/// line.
+fn pipe_chunk_end(bytes: &[u8], off: usize) -> usize {
+    let limit = (off + libc::PIPE_BUF).min(bytes.len());
+    if limit == bytes.len() {
+        return limit;
+    }
+    match memchr::memrchr(b'\n', &bytes[off..limit]) {
+        Some(i) => off + i + 1,
+        None => memchr::memchr(b'\n', &bytes[limit..]).map_or(bytes.len(), |i| limit + i + 1),
+    }
 }
 
 /// The writer thread's state.
@@ -575,6 +752,15 @@ struct Writer {
     rx: Receiver<Msg>,
     pending: Arc<Pending>,
     dropped: Arc<AtomicU64>,
+    /// Formatted lines not yet written, always whole: a `BufWriter` would
+    /// hide where a short write stopped.
+    buf: String,
+    /// The rest of a line whose start is in the file and could not be cut
+    /// off (an append-only file, another writer): the next write completes
+    /// it. Bytes, as the cut may fall inside a UTF-8 character.
+    carry: Vec<u8>,
+    /// Records in `carry` and `buf` (lines that end in them).
+    buf_records: usize,
     /// When the oldest unflushed line was written into the buffer.
     dirty_since: Option<Instant>,
     /// A write or flush failed and was logged; log again only after a success.
@@ -612,21 +798,12 @@ impl Writer {
                 self.reopen(path);
             }
             match msg {
-                Ok(Msg::Line(line)) => self.write_line(line.as_bytes()),
-                Ok(Msg::Batch(records)) => {
-                    let mut line = String::with_capacity(256 * records.len());
-                    for r in &records {
-                        format_record_cached(r, &mut line, &mut self.time);
-                    }
-                    self.write_lines(line.as_bytes(), records.len());
-                    self.pending
-                        .records
-                        .fetch_sub(records.len(), Ordering::Relaxed);
-                }
+                Ok(Msg::Batch(records)) => self.append(&records),
                 Ok(Msg::Reopen(path)) => self.reopen(path),
                 Ok(Msg::Wake) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
                     self.flush();
+                    self.drop_buffered(); // a torn line's rest, if any
                     return;
                 }
                 #[cfg(test)]
@@ -644,30 +821,134 @@ impl Writer {
         }
     }
 
-    fn write_line(&mut self, line: &[u8]) {
-        self.write_lines(line, 1);
-    }
-
-    /// Writes `count` formatted lines at once; if that fails they count as
-    /// dropped.
-    fn write_lines(&mut self, lines: &[u8], count: usize) {
-        match self.sink.out.write_all(lines) {
-            Ok(()) => {
-                self.dirty_since.get_or_insert_with(Instant::now);
+    /// Formats `records` into the buffer, writing it out whenever it holds
+    /// [`BUFFER_BYTES`].
+    fn append(&mut self, records: &[Record]) {
+        for r in records {
+            format_record_cached(r, &mut self.buf, &mut self.time);
+            self.buf_records += 1;
+            if self.buf.len() >= BUFFER_BYTES {
+                self.flush();
             }
-            Err(e) => {
-                self.dropped.fetch_add(count as u64, Ordering::Relaxed);
-                self.failed("write to", &e);
-            }
+        }
+        if !self.buf.is_empty() {
+            self.dirty_since.get_or_insert_with(Instant::now);
         }
     }
 
+    /// Counts `written` records as written whole and `lost` as dropped,
+    /// unless a close gave up on this thread (it counted them already).
+    fn settle(&self, written: usize, lost: usize) {
+        let abandoned = self
+            .pending
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *abandoned {
+            return;
+        }
+        self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+        self.pending
+            .outstanding
+            .fetch_sub(written + lost, Ordering::SeqCst);
+    }
+
+    /// Writes the buffer out. Records are settled as each `write(2)`
+    /// returns, so a close that gives up on a blocked write counts exactly
+    /// those not written. After a failed write, every line not written whole
+    /// is dropped and counted, and half a line left in a regular file is cut
+    /// off; if it cannot be, its rest stays buffered to complete it.
     fn flush(&mut self) {
         self.dirty_since = None;
-        match self.sink.out.flush() {
-            Ok(()) => self.write_failing = false,
-            Err(e) => self.failed("write to", &e),
+        let text = std::mem::take(&mut self.buf).into_bytes();
+        // The rest of a torn line goes first (rare: then one copy).
+        let mut bytes = if self.carry.is_empty() {
+            text
+        } else {
+            let mut all = std::mem::take(&mut self.carry);
+            all.extend_from_slice(&text);
+            all
+        };
+        if bytes.is_empty() {
+            self.buf = String::from_utf8(bytes).unwrap_or_default();
+            return;
         }
+        let mut off = 0;
+        let mut written = 0;
+        let mut error = None;
+        while off < bytes.len() {
+            let end = if self.sink.regular {
+                bytes.len()
+            } else {
+                pipe_chunk_end(&bytes, off)
+            };
+            match self.sink.file.write(&bytes[off..end]) {
+                Ok(0) => {
+                    error = Some(io::Error::from(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Ok(n) => {
+                    let whole = memchr::memchr_iter(b'\n', &bytes[off..off + n]).count();
+                    off += n;
+                    if whole > 0 {
+                        written += whole;
+                        self.settle(whole, 0);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = error {
+            let whole_end = memchr::memrchr(b'\n', &bytes[..off]).map_or(0, |i| i + 1);
+            let torn = off - whole_end;
+            if torn > 0
+                && let Err(cut) = self.sink.cut_torn(torn as u64)
+            {
+                // Keep the line's rest: the next write completes it.
+                let line_end =
+                    memchr::memchr(b'\n', &bytes[off..]).map_or(bytes.len(), |i| off + i + 1);
+                self.carry = bytes[off..line_end].to_vec();
+                // Expected on a pipe; on a file, said once per failing spell.
+                if self.sink.regular && !self.write_failing {
+                    xps_log!(
+                        Level::Error,
+                        SOURCE,
+                        "cannot cut half a line off access log {}: {}",
+                        self.sink.name(),
+                        crate::os_reason(&cut)
+                    );
+                }
+            }
+            let kept = usize::from(!self.carry.is_empty());
+            self.settle(0, self.buf_records - written - kept);
+            self.buf_records = kept;
+            self.failed("write to", &e);
+        } else {
+            self.buf_records = 0;
+            self.write_failing = false;
+        }
+        // The allocation is reused.
+        bytes.clear();
+        self.buf = String::from_utf8(bytes).unwrap_or_default();
+        if !self.carry.is_empty() {
+            self.dirty_since = Some(Instant::now());
+        }
+    }
+
+    /// Drops and counts what is still buffered (the rest of a torn line):
+    /// it belongs to the file being left.
+    fn drop_buffered(&mut self) {
+        if self.buf_records > 0 {
+            self.settle(0, self.buf_records);
+        }
+        self.buf.clear();
+        self.carry.clear();
+        self.buf_records = 0;
+        self.dirty_since = None;
     }
 
     fn failed(&mut self, what: &str, e: &io::Error) {
@@ -693,7 +974,9 @@ impl Writer {
         };
         match Sink::open(&target) {
             Ok(sink) => {
-                // The old BufWriter is empty: dropping it only closes the file.
+                // What could not be written to the old file is dropped and
+                // counted by now (but the rest of a torn line, dropped here).
+                self.drop_buffered();
                 self.sink = sink;
                 self.write_failing = false;
             }
@@ -711,6 +994,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn batches_are_written_in_order_and_bounded_in_records() {
@@ -1199,6 +1483,174 @@ mod tests {
         assert!(in_b.len() as u64 + d == 3, "{in_b:?} dropped {d}");
         assert_eq!(&in_b[..2], &[0, 1]);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn close_gives_up_on_a_blocked_writer_and_counts_what_it_holds() {
+        let dir = tmpdir("blocked");
+        let path = dir.join("a.log");
+        let dropped = Arc::new(AtomicU64::new(0));
+        let (log, w) = open_with_capacity(&path, 8, Arc::clone(&dropped)).unwrap();
+        log.log(&numbered(0));
+        // Blocked behind the first record's batch, as in a write(2) that
+        // never returns.
+        let gate = pause(&w);
+        for i in 1..20 {
+            log.log(&numbered(i)); // 7 queued, 12 dropped: the queue is full
+        }
+        assert_eq!(dropped.load(Ordering::Relaxed), 12);
+        let start = Instant::now();
+        let lost = w.close_within(Duration::from_millis(300));
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        // The first record (buffered, not written) and the 7 queued.
+        assert_eq!(lost, 8);
+        assert_eq!(dropped.load(Ordering::Relaxed), 20);
+        // The writer, unblocked later, counts nothing twice.
+        drop(gate);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(dropped.load(Ordering::Relaxed), 20);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn pipe_chunks_are_whole_lines_of_at_most_pipe_buf() {
+        let line = |n: usize| {
+            let mut l = "x".repeat(n - 1);
+            l.push('\n');
+            l
+        };
+        let text = line(100).repeat(100);
+        let bytes = text.as_bytes();
+        let mut off = 0;
+        let mut chunks = 0;
+        while off < bytes.len() {
+            let end = pipe_chunk_end(bytes, off);
+            assert!(end - off <= libc::PIPE_BUF && bytes[end - 1] == b'\n');
+            assert_eq!(
+                end - off,
+                (libc::PIPE_BUF / 100 * 100).min(bytes.len() - off)
+            );
+            off = end;
+            chunks += 1;
+        }
+        assert_eq!(chunks, 10_000usize.div_ceil(libc::PIPE_BUF / 100 * 100));
+        // A line longer than PIPE_BUF goes alone; a short tail whole.
+        let long = [line(5000), line(10)].concat();
+        assert_eq!(pipe_chunk_end(long.as_bytes(), 0), 5000);
+        assert_eq!(pipe_chunk_end(long.as_bytes(), 5000), 5010);
+        // From the middle of a line (after a write cut short by a signal).
+        assert_eq!(pipe_chunk_end(long.as_bytes(), 4990), 5010);
+        let three = line(5000).repeat(3);
+        assert_eq!(pipe_chunk_end(three.as_bytes(), 4000), 5000);
+    }
+
+    /// A writer on `file` driven by hand (no thread), and its counters.
+    fn writer_on(file: File, regular: bool) -> (Writer, Arc<Pending>, Arc<AtomicU64>) {
+        let (_tx, rx) = mpsc::sync_channel(1);
+        let pending = Arc::new(Pending {
+            flag: AtomicBool::new(false),
+            path: Mutex::new(None),
+            outstanding: AtomicUsize::new(0),
+            capacity: 8,
+            abandoned: Mutex::new(false),
+        });
+        let dropped = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            sink: Sink {
+                path: None,
+                file,
+                regular,
+            },
+            rx,
+            pending: Arc::clone(&pending),
+            dropped: Arc::clone(&dropped),
+            buf: String::new(),
+            carry: Vec::new(),
+            buf_records: 0,
+            dirty_since: None,
+            write_failing: false,
+            time: TimeText::default(),
+        };
+        (writer, pending, dropped)
+    }
+
+    #[test]
+    fn a_torn_line_is_cut_off_a_regular_file_unless_another_wrote_after_it() {
+        let dir = tmpdir("cut");
+        let path = dir.join("a.log");
+        let open = || {
+            OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&path)
+                .unwrap()
+        };
+        let mut sink = Sink {
+            path: None,
+            file: open(),
+            regular: true,
+        };
+        sink.file.write_all(b"whole\nhal").unwrap();
+        sink.cut_torn(3).unwrap();
+        sink.file.write_all(b"next\n").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole\nnext\n");
+        sink.file.write_all(b"hal").unwrap();
+        open().write_all(b"other\n").unwrap();
+        assert!(sink.cut_torn(3).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole\nnext\nhalother\n");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A line longer than PIPE_BUF cut short on a non-blocking pipe: its
+    /// rest is kept and completes it at the next flush; nothing is counted
+    /// as dropped, nothing twice.
+    #[test]
+    fn the_rest_of_a_torn_line_that_cannot_be_cut_completes_it() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, owned just below.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: fresh descriptors from pipe2, each owned once.
+        let (mut rd, wr) = unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        };
+        // SAFETY: fcntl on a descriptor this test owns.
+        assert!(unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096) } > 0);
+        let (mut w, pending, dropped) = writer_on(wr, false);
+        let mut r = record();
+        r.listener = Arc::from("l".repeat(6000).as_str());
+        let line = fmt(&r);
+        pending.outstanding.store(1, Ordering::SeqCst);
+        w.append(std::slice::from_ref(&r));
+        w.flush(); // 4096 bytes go, then EAGAIN
+        let mut got = vec![0; 8192];
+        let n = rd.read(&mut got).unwrap();
+        assert!(n < line.len(), "{n}");
+        assert_eq!(
+            (
+                pending.outstanding.load(Ordering::SeqCst),
+                dropped.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
+        w.flush(); // the rest
+        let m = rd.read(&mut got[n..]).unwrap();
+        assert_eq!(&got[..n + m], line.as_bytes());
+        assert_eq!(
+            (
+                pending.outstanding.load(Ordering::SeqCst),
+                dropped.load(Ordering::SeqCst)
+            ),
+            (0, 0)
+        );
+        assert!(w.buf.is_empty() && w.carry.is_empty() && w.buf_records == 0);
     }
 
     proptest::proptest! {

@@ -44,9 +44,15 @@ impl Server {
 
     /// Starts a prepared command (for env vars, rlimits …).
     pub fn start_with(cmd: &mut Command, expect_ports: usize) -> Server {
+        Self::start_with_stdout(cmd, Stdio::null(), expect_ports)
+    }
+
+    /// [`Server::start_with`] with the server's stdout given (`--access-log -`
+    /// into a pipe: `Stdio::piped()`, then take `child.stdout`).
+    pub fn start_with_stdout(cmd: &mut Command, stdout: Stdio, expect_ports: usize) -> Server {
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn xps");
