@@ -180,8 +180,6 @@ pub struct Connection {
     phase: Phase,
     /// Flow control.
     flow: Flow,
-    /// In the worker's queue for the next turn (at most once).
-    pub queued: bool,
     /// Its `--max-connections` slot, given back when the connection drops.
     _slot: Slot,
 }
@@ -214,7 +212,6 @@ impl Connection {
             },
             phase: Phase::Open,
             flow: Flow::Reading,
-            queued: false,
             _slot: slot,
         })
     }
