@@ -942,7 +942,7 @@ impl Core {
         }
         let entry = &mut self.connections[key];
         let conn = &mut entry.conn;
-        let allowance = self.budget_view.allowance(self.held, entry.held as usize);
+        let allowance = self.budget_view.allowance(self.held, conn.holding());
         let status = conn.drive_capped(
             &mut self.scratch,
             self.now,
@@ -1026,7 +1026,7 @@ impl Core {
             let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
                 continue; // closed since
             };
-            if self.budget_view.allowance(self.held, entry.held as usize) == 0 {
+            if self.budget_view.allowance(self.held, entry.conn.holding()) == 0 {
                 self.rationed.push((key, id)); // not yet
                 continue;
             }
