@@ -212,11 +212,11 @@ impl From<&CloseReason> for Closed {
             CloseReason::Reset(_) => Closed::Reset,
             CloseReason::Failed(_) => Closed::Error,
             CloseReason::Shutdown => Closed::Shutdown,
-            // SPEC §5 names five close reasons; a line timeout is a kind of
-            // idle timeout there (the DEBUG line tells them apart).
-            CloseReason::IdleTimeout { .. } | CloseReason::LineTimeout { .. } => {
-                Closed::IdleTimeout
-            }
+            CloseReason::IdleTimeout { .. } => Closed::IdleTimeout,
+            // Not idle: bytes came, the line did not end. SPEC §5 names five
+            // reasons; operators must tell a slow-line client from a silent
+            // one, so this is a sixth.
+            CloseReason::LineTimeout { .. } => Closed::LineTimeout,
             // Counted as refusals (`observe_refusal`), never as closes.
             CloseReason::Refused(_) => Closed::Error,
         }
@@ -951,7 +951,7 @@ impl Core {
         }
         let entry = &mut self.connections[key];
         let conn = &mut entry.conn;
-        let allowance = self.budget_view.allowance(self.held, entry.held as usize);
+        let allowance = self.budget_view.allowance(self.held, conn.holding());
         let status = conn.drive_capped(
             &mut self.scratch,
             self.now,
@@ -1035,7 +1035,7 @@ impl Core {
             let Some(entry) = self.connections.get_mut(key).filter(|e| e.conn.id == id) else {
                 continue; // closed since
             };
-            if self.budget_view.allowance(self.held, entry.held as usize) == 0 {
+            if self.budget_view.allowance(self.held, entry.conn.holding()) == 0 {
                 self.rationed.push((key, id)); // not yet
                 continue;
             }

@@ -39,7 +39,9 @@
 //!    announced, in which case read on: a read stops short at the FIN and at
 //!    the urgent mark with data still queued), or at the read budget (the core
 //!    drives this connection again next turn, after the others), or when the
-//!    pending replies reach the high-water mark (flow control).
+//!    pending replies reach the high-water mark (flow control), or at the
+//!    global buffer budget's allowance (`--max-buffered`: [`Flow::Rationed`]
+//!    until the core finds the budget allows it again).
 //! 2. **Write once**: every reply of this pass in one `send()`. If nothing was
 //!    pending before, it is sent straight from the shared buffer and only an
 //!    unsent tail is copied into `pending` — so a request/response client never
@@ -59,6 +61,7 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::admission::Holding;
 use crate::core::Timeouts;
 use crate::network::proxy_header::{HeaderReader, ProxyError, ProxyHeader};
 use crate::observe::metrics::Refused;
@@ -297,13 +300,16 @@ pub enum AfterReplies {
     Linger,
 }
 
-/// Flow control: whether the client's input is being read.
+/// Whether the client's input is being read, and if not, what holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
     /// Reading.
     Reading,
-    /// Paused: [`HIGH_WATER`] of replies wait for the client.
+    /// Paused by flow control: [`HIGH_WATER`] of replies wait for the client.
     Paused,
+    /// Held by the global buffer budget (`--max-buffered`) with input left
+    /// unread: the core drives it again once the budget allows.
+    Rationed,
 }
 
 /// What the edges have told us about the socket (edge-triggered epoll
@@ -322,7 +328,7 @@ pub struct Readiness {
 
 /// How long the current unterminated line has been held while xps was
 /// reading from the connection (`--line-timeout`; time paused by flow
-/// control does not count).
+/// control or held by the global buffer budget does not count).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LineClock {
     /// No unterminated line is held.
@@ -332,7 +338,8 @@ enum LineClock {
         /// When the line times out if nothing changes.
         due: Instant,
     },
-    /// A line is held but reading is paused: `left` of the timeout remains.
+    /// A line is held but reading is paused or rationed: `left` of the
+    /// timeout remains.
     Stopped {
         /// What remains of the timeout.
         left: Duration,
@@ -478,6 +485,15 @@ impl Connection {
         self.pending_len()
             + self.reverser.pending()
             + self.header.as_ref().map_or(0, |h| h.reader.buffered())
+    }
+
+    /// What it holds, as the global budget's rule asks it.
+    pub fn holding(&self) -> Holding {
+        Holding {
+            bytes: self.held(),
+            line: self.reverser.pending(),
+            max_line: self.reverser.max_line(),
+        }
     }
 
     /// The header phase's read: reads into the shared buffer and feeds the
@@ -693,7 +709,8 @@ impl Connection {
     /// global budget's, [`crate::admission::BudgetView::allowance`]): a
     /// pass stopped by it returns [`Status::Rationed`] rather than
     /// [`Status::More`], so the core retries it when the budget allows,
-    /// not on every turn.
+    /// not on every turn. Until then the connection is
+    /// [`Flow::Rationed`], and its line clock stands still.
     pub fn drive_capped(
         &mut self,
         scratch: &mut Scratch,
@@ -704,6 +721,9 @@ impl Connection {
         let mut more = false;
         let mut rationed = false;
         let mut moved = 0;
+        if self.flow == Flow::Rationed && allowance > 0 {
+            self.resume(now); // the budget allows it again
+        }
         let reads = matches!(self.phase, Phase::Open | Phase::Draining { .. });
         if reads && self.ready.readable && self.flow == Flow::Reading && self.header.is_none() {
             match self.read_pass(scratch, now, line_timeout, allowance) {
@@ -729,11 +749,13 @@ impl Connection {
             self.last_active = now;
         }
         if self.flow == Flow::Paused && self.pending_len() <= LOW_WATER {
-            self.flow = Flow::Reading;
-            if let LineClock::Stopped { left } = self.line {
-                self.line = LineClock::Running { due: now + left };
-            }
+            self.resume(now);
             more |= self.ready.readable;
+        }
+        if rationed && self.ready.readable && self.flow == Flow::Reading {
+            // Input is left unread because of the budget, not the client.
+            self.stop_line_clock(now);
+            self.flow = Flow::Rationed;
         }
         match self.phase {
             Phase::InputDone { then } if !self.has_pending() => match then {
@@ -742,7 +764,7 @@ impl Connection {
             },
             Phase::Lingering => self.linger(&mut scratch.read),
             _ if more => Status::More,
-            _ if rationed && self.ready.readable && self.flow == Flow::Reading => Status::Rationed,
+            _ if self.flow == Flow::Rationed => Status::Rationed,
             _ => Status::Idle,
         }
     }
@@ -839,10 +861,25 @@ impl Connection {
     fn pause(&mut self, now: Instant) {
         self.flow = Flow::Paused;
         self.pauses = self.pauses.wrapping_add(1);
+        self.stop_line_clock(now);
+    }
+
+    /// Reading stops, for flow control or the budget: time not spent
+    /// reading is not the client's to account for (SPEC §3).
+    fn stop_line_clock(&mut self, now: Instant) {
         if let LineClock::Running { due } = self.line {
             self.line = LineClock::Stopped {
                 left: due.saturating_duration_since(now),
             };
+        }
+    }
+
+    /// Reading resumes after a flow-control pause or the budget's hold; so
+    /// does the line clock, with what was left of it.
+    fn resume(&mut self, now: Instant) {
+        self.flow = Flow::Reading;
+        if let LineClock::Stopped { left } = self.line {
+            self.line = LineClock::Running { due: now + left };
         }
     }
 

@@ -122,30 +122,34 @@ pub enum Closed {
     Reset,
     /// Another socket error.
     Error,
-    /// `--idle-timeout` (or `--line-timeout`) ran out.
+    /// `--idle-timeout` ran out: no byte moved either way.
     IdleTimeout,
+    /// `--line-timeout` ran out: an unterminated line was not completed.
+    LineTimeout,
     /// The server shut down.
     Shutdown,
 }
 
 impl Closed {
     /// Every reason, in the order the exposition lists them.
-    pub const ALL: [Closed; 5] = [
+    pub const ALL: [Closed; 6] = [
         Closed::Finished,
         Closed::Reset,
         Closed::Error,
         Closed::IdleTimeout,
+        Closed::LineTimeout,
         Closed::Shutdown,
     ];
 
     /// The label value: `finished`, `reset`, `error`, `idle_timeout`,
-    /// `shutdown`.
+    /// `line_timeout`, `shutdown`.
     pub fn label(self) -> &'static str {
         match self {
             Closed::Finished => "finished",
             Closed::Reset => "reset",
             Closed::Error => "error",
             Closed::IdleTimeout => "idle_timeout",
+            Closed::LineTimeout => "line_timeout",
             Closed::Shutdown => "shutdown",
         }
     }
@@ -264,7 +268,7 @@ struct WorkerBlock {
     /// Connections accepted and not yet closed or refused.
     open: Single,
     /// By [`Closed`] as index.
-    closed: [Single; 5],
+    closed: [Single; Closed::ALL.len()],
     /// By [`Refused`] as index.
     refused: [Single; 3],
     /// Replies queued.
@@ -1206,6 +1210,7 @@ xps_connections_closed_total{{reason=\"finished\"}} 1
 xps_connections_closed_total{{reason=\"reset\"}} 0
 xps_connections_closed_total{{reason=\"error\"}} 0
 xps_connections_closed_total{{reason=\"idle_timeout\"}} 0
+xps_connections_closed_total{{reason=\"line_timeout\"}} 0
 xps_connections_closed_total{{reason=\"shutdown\"}} 0
 # HELP xps_connections_refused_total Accepted connections turned away before being served, by reason.
 # TYPE xps_connections_refused_total counter
