@@ -6,7 +6,7 @@
 //! |------------------|----------------------------------------|-------------------------------|
 //! | [`AccessRules`]  | once per accepted connection           | a scan of the rules, no lock  |
 //! | [`SourceLimits`] | once per accepted connection, and on close (drop of the [`SourcePermit`]) | one mutex, or nothing at limit 0 |
-//! | [`BufferBudget`] | once per loop turn ([`BufferBudget::publish`], [`BufferBudget::gate`]) and per read pass ([`ReadGate::allowance`]) | relaxed atomics in padded slots |
+//! | [`BufferBudget`] | once per loop turn ([`BufferBudget::publish`], [`BufferBudget::view`]) and per read pass ([`BudgetView::allowance`]) | relaxed atomics in padded slots |
 //!
 //! [`admit`] chains the first two in the order the core needs (rules first,
 //! so a denied address never takes the per-source lock).
@@ -81,30 +81,42 @@
 //!   crossbeam's `CachePadded` makes the same choice);
 //! * readers sum the slots ([`total`](BufferBudget::total)); the sum is at
 //!   most one loop turn per worker stale, and the bound below accounts for it;
-//! * the worker takes one [`ReadGate`] snapshot per loop turn
-//!   ([`gate`](BufferBudget::gate)) and asks it, pure and without atomics,
+//! * the worker takes one [`BudgetView`] per loop turn
+//!   ([`view`](BufferBudget::view)) and asks it, pure and without atomics,
 //!   before each read pass.
 //!
 //! ## The rule
 //!
-//! Let `L` be the limit and `n` the open connections. Rationing starts at the
-//! **pause mark** `P = L − L/4` (Redis's soft limit, with the `L/4` left above
-//! it as the room the rationing itself may use). While the total is past `P`:
+//! Let `L` be the limit, `n` the open connections and `M` a connection's
+//! `--max-line`. Rationing starts at the **pause mark** `P = L − L/4`
+//! (Redis's soft limit, with the `L/4` left above it as the room the
+//! rationing itself may use). While the total is past `P`:
 //!
 //! * each connection's **share** is `S = max(L / (4·n), 64 KiB)`;
 //! * a connection holding `held < S` may be read, at most `S − held` bytes in
-//!   this pass ([`ReadGate::allowance`]); one holding `S` or more is paused;
+//!   this pass ([`BudgetView::allowance`]);
+//! * a connection holding `S` or more that holds **nothing but its
+//!   unterminated line** (no unsent replies) may still be read, at most
+//!   `M + 1 − line` bytes: enough for the line to complete, or to pass `M`
+//!   bytes and be cut into a segment reply (the protocol cuts a line once
+//!   more than `M` bytes of it are held);
+//! * any other connection holding `S` or more is paused;
 //! * paused connections keep *sending*: their held bytes only fall, and they
-//!   are read again as soon as they drop under `S` or the total under `P`.
+//!   are read again as soon as they drop under `S`, down to their line, or
+//!   the total under `P`.
 //!
 //! Why this keeps well-behaved clients served: a client that reads its
-//! replies and sends short lines holds almost nothing between passes (no
-//! unsent replies, a partial line under `--max-line`), always under the
-//! 64 KiB floor, so it is never paused. Why it cannot starve anybody for
-//! good: a paused client that reads drains below `S` and is read again; only
-//! a client that does not read stays paused, and it is exactly the one
-//! growing the total. Nothing is dropped: a paused client's bytes wait in the
-//! kernel and TCP pushes back on it.
+//! replies soon holds nothing but its unterminated line, and such a client
+//! is always read, whatever the total, until that line completes (or is cut
+//! at `--max-line`) and is answered. The line rule is needed because
+//! `--max-line` (100 000 by default) may exceed the share: without it a
+//! connection holding 80 000 bytes of a line would be paused with its LF
+//! unread, and nothing it could do would ever free its share. Why it cannot
+//! starve anybody for good: a paused client holds unsent replies; once it
+//! reads them it holds only its line and is read again; only a client that
+//! does not read stays paused, and it is exactly the one growing the total.
+//! Nothing is dropped: a paused client's bytes wait in the kernel and TCP
+//! pushes back on it.
 //!
 //! ## The bound
 //!
@@ -113,10 +125,12 @@
 //! a connection's held bytes grow only by reading. Let `G` be the most one
 //! unrationed read pass can add (with `network::connection`'s constants, its
 //! read budget plus one `recv()`: 256 KiB + 64 KiB) and `C` one `recv()`
-//! (64 KiB), the most a rationed pass can overshoot its allowance.
+//! (64 KiB), the most a rationed pass can overshoot its allowance. Let `F =
+//! max(64 KiB, M + 1)` (with several `--max-line` in force after reloads,
+//! the largest), so that `max(S, M + 1) ≤ L/(4·n) + F`.
 //!
 //! Two assumptions about the core, both true of today's loop: each worker
-//! publishes its exact total once per turn and takes its gate at the start
+//! publishes its exact total once per turn and takes its view at the start
 //! of the next, and drives each connection at most once per turn.
 //!
 //! 1. *Staleness.* A worker's view is its own total (exact: it published it
@@ -125,25 +139,36 @@
 //!    pass per connection. Reads on a view under `P` therefore leave the
 //!    true total at most `P + n·G`.
 //! 2. *Rationing.* A connection is read only while it holds less than `S`,
-//!    and then ends the pass under `S + C`; one at or above `S` only drains.
-//!    So each connection holds at most `max(what it held when its worker
-//!    started rationing, S + C)`, and the total at most `(P + n·G) + n·(S +
-//!    C)`. Since `n·S ≤ L/4 + n·64 KiB` and `P + L/4 = L`:
+//!    and then ends the pass under `S + C`; or while it holds nothing but a
+//!    line of `line ≥ S` bytes, and then ends it with at most `M + 1 + C`
+//!    (what it read becomes replies or the new line, byte for byte). One that
+//!    holds more only drains. So each connection holds at most `max(what it
+//!    held when its worker started rationing, max(S, M + 1) + C)`, and the
+//!    total at most `(P + n·G) + n·(max(S, M + 1) + C)`. Since `P + L/4 =
+//!    L`:
 //!
 //! ```text
-//! total ≤ L + n · (G + C + 64 KiB)      (with today's constants: L + n · 448 KiB)
+//! total ≤ L + n · (G + C + F)      (with today's constants and the default
+//!                                   --max-line: L + n · (384 KiB + 97.7 KiB))
 //! ```
 //!
 //! A fixed overhead per connection, whatever the number of clients sending
-//! without reading. `G`, the price of publishing once per turn rather than
-//! per read, dominates it: a core that lowers the per-pass read budget
-//! lowers the overhead with it (a 64 KiB pass gives `n · 192 KiB`), and one
-//! that also caps each `recv()` at the allowance makes `C = 0`. A core that
-//! only asks [`ReadGate::may_read`] and does not cap the rationed pass gets
-//! `C = G`. The per-connection high-water mark (SPEC §3, 1 MiB) still applies
-//! on top and is what bounds a single connection when the budget is off.
+//! without reading. `F` is the price of answering every line up to
+//! `--max-line`: a connection must be able to hold one whole unterminated
+//! line (SPEC §3 already lets each hold up to `--max-line` of it), so no rule
+//! can do with less; a smaller `--max-line` lowers it down to the 64 KiB
+//! floor. `G`, the price of publishing once per turn rather than per read,
+//! dominates the rest: a core that lowers the per-pass read budget lowers
+//! the overhead with it, and one that also caps each `recv()` at the
+//! allowance makes `C = 0` (xps's core does, and counts its own total
+//! exactly, which leaves `L + n · F` plus what the other workers read in one
+//! turn: see [`BudgetView::allowance`]).
+//! The per-connection high-water mark (SPEC §3, 1 MiB) still applies on top
+//! and is what bounds a single connection when the budget is off.
 //! `simulated_flood_stays_under_the_bound` (in the tests) replays the worst
-//! case: clients that never read, from 1 to 1000 of them.
+//! case: from 1 to 1000 clients that never read, sending short lines, lines
+//! just under `--max-line`, or no LF at all, with their replies held or
+//! taken by the kernel.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -545,6 +570,35 @@ impl Drop for SourcePermit {
 /// connection holding less is always read (module docs, "The rule").
 pub const MIN_SHARE: usize = 64 * 1024;
 
+/// What one connection holds, as "The rule" asks it: its bytes in all, the
+/// part of them that is its unterminated line, and its `--max-line` (a
+/// reload changes that for new connections only, so each one brings its
+/// own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    /// Every byte held for it: unsent replies, its unterminated line, an
+    /// incomplete PROXY header.
+    pub bytes: usize,
+    /// Of which its unterminated line.
+    pub line: usize,
+    /// The length past which its line is cut into a segment reply.
+    pub max_line: usize,
+}
+
+/// "The rule" for one connection while rationing, with `share` the share:
+/// how many bytes it may read in this pass (0 = paused).
+fn ration(share: usize, h: Holding) -> usize {
+    if h.bytes < share {
+        share - h.bytes
+    } else if h.bytes == h.line {
+        // Nothing but its line: only reading on can complete it (or cut it,
+        // once more than `max_line` bytes are held), so read on that far.
+        (h.max_line + 1).saturating_sub(h.line)
+    } else {
+        0 // replies wait: they must drain first
+    }
+}
+
 /// SPEC §6's default `--max-buffered`: 256 MiB.
 pub const DEFAULT_MAX_BUFFERED: usize = 256 << 20;
 
@@ -623,10 +677,10 @@ impl BufferBudget {
         }
     }
 
-    /// While over the bound, may a connection holding `held` bytes be read?
+    /// While over the bound, may a connection holding `held` be read?
     /// `self.gate(open_connections).may_read(held)`: sums the slots on each
     /// call, so prefer one [`gate`](Self::gate) per turn.
-    pub fn may_read(&self, held: usize, open_connections: usize) -> bool {
+    pub fn may_read(&self, held: Holding, open_connections: usize) -> bool {
         self.gate(open_connections).may_read(held)
     }
 }
@@ -682,26 +736,27 @@ impl BudgetView {
     };
 
     /// How many bytes a connection holding `held` may read in this pass,
-    /// when this worker holds `own` bytes in all (exactly, now): up to its
-    /// share whatever the total (a well-behaved client is never paused),
-    /// and beyond it only while the total stays under the pause mark (a
-    /// worker's part of the room left there). 0 means "not now": the core
-    /// looks again when the total or the connection's holding falls.
-    /// `usize::MAX` when the budget is off.
+    /// when this worker holds `own` bytes in all (exactly, now): what "The
+    /// rule" allows whatever the total (up to its share, or on to the end of
+    /// its line: a well-behaved client is never paused), and beyond it only
+    /// while the total stays under the pause mark (a worker's part of the
+    /// room left there). 0 means "not now": the core looks again when the
+    /// total or the connection's holding falls. `usize::MAX` when the
+    /// budget is off.
     ///
     /// Capping each `recv()` at this makes `C = 0` and the exact own total
     /// removes this worker's `G` from "The bound": the total stays under
-    /// `L + n · MIN_SHARE`, plus what the other workers read in one turn.
-    pub fn allowance(&self, own: usize, held: usize) -> usize {
+    /// `L + n · F`, plus what the other workers read in one turn.
+    pub fn allowance(&self, own: usize, held: Holding) -> usize {
         if self.limit == 0 {
             return usize::MAX;
         }
         let total = self.others.saturating_add(own);
         let mark = pause_mark(self.limit);
-        let by_share = self.share.saturating_sub(held);
+        let by_rule = ration(self.share, held);
         match mark.checked_sub(total) {
-            Some(room) if room > 0 => (room / self.workers).max(by_share),
-            _ => by_share,
+            Some(room) if room > 0 => (room / self.workers).max(by_rule),
+            _ => by_rule,
         }
     }
 
@@ -727,7 +782,8 @@ pub enum ReadGate {
     /// Under the pause mark (or the budget is off): read as usual.
     Open,
     /// Past the pause mark: only connections holding less than `share`
-    /// bytes are read, and at most up to `share`.
+    /// bytes are read, and at most up to `share`, or those holding nothing
+    /// but their line, up to its end ("The rule").
     Rationed {
         /// Bytes a connection may hold and still be read this turn.
         share: usize,
@@ -735,8 +791,8 @@ pub enum ReadGate {
 }
 
 impl ReadGate {
-    /// Whether a connection holding `held` bytes may be read this pass.
-    pub fn may_read(&self, held: usize) -> bool {
+    /// Whether a connection holding `held` may be read this pass.
+    pub fn may_read(&self, held: Holding) -> bool {
         self.allowance(held) > 0
     }
 
@@ -744,10 +800,10 @@ impl ReadGate {
     /// `usize::MAX` when open (the connection's own read budget applies), 0
     /// when paused. Capping the pass at this keeps the bound tight (module
     /// docs, "The bound").
-    pub fn allowance(&self, held: usize) -> usize {
+    pub fn allowance(&self, held: Holding) -> usize {
         match *self {
             ReadGate::Open => usize::MAX,
-            ReadGate::Rationed { share } => share.saturating_sub(held),
+            ReadGate::Rationed { share } => ration(share, held),
         }
     }
 
@@ -779,13 +835,34 @@ mod tests {
 
     // --- BudgetView -----------------------------------------------------------
 
+    /// The default `--max-line`.
+    const M: usize = 100_000;
+
+    /// A connection holding `bytes` of unsent replies and no line.
+    fn replies(bytes: usize) -> Holding {
+        Holding {
+            bytes,
+            line: 0,
+            max_line: M,
+        }
+    }
+
+    /// A connection holding nothing but a line of `line` bytes.
+    fn line_only(line: usize) -> Holding {
+        Holding {
+            bytes: line,
+            line,
+            max_line: M,
+        }
+    }
+
     #[test]
     fn a_view_is_unlimited_when_off() {
         let b = BufferBudget::new(0, 2);
         b.publish(1, 1 << 40);
         let v = b.view(0, 10);
         assert!(v.is_off());
-        assert_eq!(v.allowance(1 << 40, 1 << 30), usize::MAX);
+        assert_eq!(v.allowance(1 << 40, replies(1 << 30)), usize::MAX);
     }
 
     #[test]
@@ -797,34 +874,172 @@ mod tests {
         let v = b.view(0, 4);
         // share = max(4 MiB / 16, 64 KiB) = 256 KiB.
         // Under the mark: half (two workers) of the room left, or the share.
-        assert_eq!(v.allowance(0, 0), (2 << 20) / 2);
-        assert_eq!(v.allowance((2 << 20) - 1000, 0), 256 << 10);
-        assert_eq!(v.allowance((2 << 20) - 1000, 200 << 10), (256 - 200) << 10);
+        assert_eq!(v.allowance(0, replies(0)), (2 << 20) / 2);
+        assert_eq!(v.allowance((2 << 20) - 1000, replies(0)), 256 << 10);
+        assert_eq!(
+            v.allowance((2 << 20) - 1000, replies(200 << 10)),
+            (256 - 200) << 10
+        );
         // At or past the mark: only the share.
-        assert_eq!(v.allowance(2 << 20, 10), (256 << 10) - 10);
-        assert_eq!(v.allowance(2 << 20, 256 << 10), 0);
-        assert_eq!(v.allowance(usize::MAX, 0), 256 << 10);
+        assert_eq!(v.allowance(2 << 20, replies(10)), (256 << 10) - 10);
+        assert_eq!(v.allowance(2 << 20, replies(256 << 10)), 0);
+        assert_eq!(v.allowance(usize::MAX, replies(0)), 256 << 10);
     }
+
+    #[test]
+    fn a_connection_holding_only_its_line_is_read_to_its_end() {
+        // Issue 13: 12 clients with 80 000-byte lines under a 1 MB bound were
+        // paused at the 64 KiB share with their LF unread, for good.
+        let b = BufferBudget::new(1_000_000, 1);
+        b.publish(0, 0);
+        let v = b.view(0, 12); // share = max(20 833, 64 KiB) = 64 KiB
+        let own = 960_000; // past the pause mark (750 000)
+        assert_eq!(v.allowance(own, line_only(80_000)), M + 1 - 80_000);
+        // Under the share, the share decides (a second pass reads on).
+        assert_eq!(v.allowance(own, line_only(60_000)), MIN_SHARE - 60_000);
+        // Whatever the share and the line, such a connection may read
+        // enough to complete its line or have it cut (more than M held).
+        for n in [1, 12, 1000, 100_000] {
+            let v = b.view(0, n);
+            for line in [0, 1, MIN_SHARE - 1, MIN_SHARE, 80_000, M - 1, M] {
+                let allow = v.allowance(usize::MAX, line_only(line));
+                assert!(allow >= 1, "n={n} line={line}");
+                assert!(
+                    line < MIN_SHARE || allow >= M + 1 - line,
+                    "n={n} line={line}: {allow}"
+                );
+            }
+        }
+        // With replies waiting it is paused at the share, line or not:
+        // its client must read them first.
+        let mixed = Holding {
+            bytes: 80_001,
+            line: 80_000,
+            max_line: M,
+        };
+        assert_eq!(v.allowance(own, mixed), 0);
+        assert_eq!(v.allowance(own, replies(MIN_SHARE)), 0);
+        // Each connection brings its own --max-line (a reload changes it
+        // for new connections only).
+        let short = Holding {
+            bytes: 70_000,
+            line: 70_000,
+            max_line: 70_000,
+        };
+        assert_eq!(v.allowance(own, short), 1);
+    }
+
+    /// What a client that never reads makes the server hold, in the
+    /// simulations: the protocol's arithmetic, not the protocol.
+    #[derive(Debug, Clone, Copy)]
+    enum Sends {
+        /// Lines of this many bytes before their LF (at most `M`).
+        Lines(usize),
+        /// Never a LF: the line is cut every `M` bytes.
+        NoLf,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    struct Client {
+        sends: Sends,
+        /// The kernel takes every reply (the server holds none): the line
+        /// rule's worst case. Otherwise every reply stays held.
+        kernel_takes: bool,
+        line: usize,
+        replies: usize,
+    }
+
+    impl Client {
+        fn new(sends: Sends, kernel_takes: bool) -> Client {
+            Client {
+                sends,
+                kernel_takes,
+                line: 0,
+                replies: 0,
+            }
+        }
+
+        fn holding(&self) -> Holding {
+            Holding {
+                bytes: self.held(),
+                line: self.line,
+                max_line: M,
+            }
+        }
+
+        fn held(&self) -> usize {
+            self.line + self.replies
+        }
+
+        /// The server reads `k` more bytes.
+        fn read(&mut self, k: usize) {
+            let total = self.line + k;
+            self.line = match self.sends {
+                Sends::Lines(len) => total % (len + 1),
+                // A segment of M is cut each time more than M are held.
+                Sends::NoLf if total > M => total - (total - 1) / M * M,
+                Sends::NoLf => total,
+            };
+            if !self.kernel_takes {
+                self.replies += total - self.line;
+            }
+        }
+    }
+
+    /// Every kind of client that never reads, alone and mixed: short
+    /// lines, lines just under `--max-line`, no LF at all; replies held or
+    /// taken by the kernel. Each mix is named, and says whether all of its
+    /// clients hold their replies.
+    fn flood_mixes(n: usize) -> Vec<(String, bool, Vec<Client>)> {
+        let kinds = [Sends::Lines(61), Sends::Lines(M - 1), Sends::NoLf];
+        let mut mixes = Vec::new();
+        for kernel_takes in [false, true] {
+            for sends in kinds {
+                let name = format!("{sends:?}, kernel takes replies: {kernel_takes}");
+                mixes.push((
+                    name,
+                    !kernel_takes,
+                    vec![Client::new(sends, kernel_takes); n],
+                ));
+            }
+        }
+        let mixed = (0..n)
+            .map(|i| Client::new(kinds[i % 3], i % 2 == 0))
+            .collect();
+        mixes.push(("mixed".to_string(), false, mixed));
+        mixes
+    }
+
+    /// F of "The bound": the most a rationed connection may hold.
+    const F: usize = if MIN_SHARE > M + 1 { MIN_SHARE } else { M + 1 };
 
     #[test]
     fn simulated_flood_with_views_stays_under_the_tight_bound() {
         // One worker, n clients that never read, each with unlimited data:
-        // read passes capped at the allowance, exact own total.
+        // read passes capped at the allowance and at the read budget, exact
+        // own total. The total never passes L + n·F.
         for n in [1usize, 10, 100, 1000] {
-            let limit = 64 << 20;
-            let b = BufferBudget::new(limit, 1);
-            let mut held = vec![0usize; n];
-            let mut own = 0usize;
-            for _turn in 0..200 {
-                let v = b.view(0, n);
-                for h in held.iter_mut() {
-                    let got = v.allowance(own, *h).min(256 << 10);
-                    *h += got;
-                    own += got;
+            for (mix, held, mut clients) in flood_mixes(n) {
+                let limit = 64 << 20;
+                let b = BufferBudget::new(limit, 1);
+                let mut own = 0usize;
+                let mut peak = 0;
+                for _turn in 0..200 {
+                    let v = b.view(0, n);
+                    for c in clients.iter_mut() {
+                        let got = v.allowance(own, c.holding()).min(256 << 10);
+                        let before = c.held();
+                        c.read(got);
+                        own = own - before + c.held();
+                        peak = peak.max(own);
+                    }
+                    b.publish(0, own);
                 }
-                b.publish(0, own);
+                assert!(peak <= limit + n * F, "n={n} {mix}: {peak}");
+                if n == 1000 && held {
+                    assert!(b.over(), "{mix}: the flood never reached the bound");
+                }
             }
-            assert!(own <= limit + n * MIN_SHARE, "n={n}: {own}");
         }
     }
 
@@ -1272,8 +1487,8 @@ mod tests {
         let b = BufferBudget::new(0, 1);
         b.publish(0, usize::MAX);
         assert!(!b.over());
-        assert!(b.may_read(usize::MAX, 1));
-        assert_eq!(b.gate(1).allowance(123), usize::MAX);
+        assert!(b.may_read(replies(usize::MAX), 1));
+        assert_eq!(b.gate(1).allowance(replies(123)), usize::MAX);
     }
 
     #[test]
@@ -1282,32 +1497,36 @@ mod tests {
         b.publish(0, 90 * MIB);
         // 100 open: share = max(100 MiB / 400, 64 KiB) = 256 KiB.
         assert_eq!(b.gate(100), ReadGate::Rationed { share: 256 * 1024 });
-        assert!(b.may_read(0, 100));
-        assert!(b.may_read(256 * 1024 - 1, 100));
-        assert!(!b.may_read(256 * 1024, 100));
-        assert!(!b.may_read(MIB, 100));
+        assert!(b.may_read(replies(0), 100));
+        assert!(b.may_read(replies(256 * 1024 - 1), 100));
+        assert!(!b.may_read(replies(256 * 1024), 100));
+        assert!(!b.may_read(replies(MIB), 100));
         // 100 000 open: the share floors at 64 KiB; a client holding a
-        // short line is still read.
+        // short line is still read, and so is one holding a long line.
         assert_eq!(b.gate(100_000), ReadGate::Rationed { share: MIN_SHARE });
-        assert!(b.may_read(100, 100_000));
-        assert!(!b.may_read(MIN_SHARE, 100_000));
+        assert!(b.may_read(line_only(100), 100_000));
+        assert!(b.may_read(line_only(M), 100_000));
+        assert!(!b.may_read(replies(MIN_SHARE), 100_000));
         // 0 open counts as 1.
         assert_eq!(b.gate(0), ReadGate::Rationed { share: 25 * MIB });
         // Under the mark, even a heavy connection is read.
         b.publish(0, 10 * MIB);
-        assert!(b.may_read(10 * MIB, 100));
+        assert!(b.may_read(replies(10 * MIB), 100));
     }
 
     #[test]
     fn allowance_caps_a_rationed_pass() {
         let g = ReadGate::Rationed { share: 1000 };
-        assert_eq!(g.allowance(0), 1000);
-        assert_eq!(g.allowance(900), 100);
-        assert_eq!(g.allowance(1000), 0);
-        assert_eq!(g.allowance(5000), 0);
-        assert!(!g.may_read(1000));
-        assert_eq!(ReadGate::Open.allowance(5000), usize::MAX);
-        assert!(ReadGate::Open.may_read(usize::MAX));
+        assert_eq!(g.allowance(replies(0)), 1000);
+        assert_eq!(g.allowance(replies(900)), 100);
+        assert_eq!(g.allowance(replies(1000)), 0);
+        assert_eq!(g.allowance(replies(5000)), 0);
+        assert!(!g.may_read(replies(1000)));
+        // A line past the share is read on to its end, no further.
+        assert_eq!(g.allowance(line_only(5000)), M + 1 - 5000);
+        assert_eq!(g.allowance(line_only(M)), 1);
+        assert_eq!(ReadGate::Open.allowance(replies(5000)), usize::MAX);
+        assert!(ReadGate::Open.may_read(replies(usize::MAX)));
     }
 
     #[test]
@@ -1325,33 +1544,36 @@ mod tests {
     /// A simulation of the bound: `n` clients that never read, each driven
     /// once per turn with the gate's allowance (plus a whole `recv()` of
     /// overshoot), one worker publishing once per turn. The total never
-    /// passes `L + n·(G + C + MIN_SHARE)`.
+    /// passes `L + n·(G + C + F)`.
     #[test]
     fn simulated_flood_stays_under_the_bound() {
         const G: usize = 320 * 1024;
         const C: usize = 64 * 1024;
         for n in [1usize, 10, 100, 1000] {
-            let limit = 64 * MIB;
-            let b = BufferBudget::new(limit, 1);
-            let mut held = vec![0usize; n];
-            let bound = limit + n * (G + C + MIN_SHARE);
-            let mut peak = 0;
-            for _ in 0..200 {
-                let gate = b.gate(n);
-                for h in held.iter_mut() {
-                    let allow = gate.allowance(*h);
-                    if allow > 0 {
-                        // Reads a whole pass, or the allowance rounded up to
-                        // a full recv().
-                        *h += if allow == usize::MAX { G } else { allow + C };
+            for (mix, held, mut clients) in flood_mixes(n) {
+                let limit = 64 * MIB;
+                let b = BufferBudget::new(limit, 1);
+                let bound = limit + n * (G + C + F);
+                let mut peak = 0;
+                for _ in 0..200 {
+                    let gate = b.gate(n);
+                    for c in clients.iter_mut() {
+                        let allow = gate.allowance(c.holding());
+                        if allow > 0 {
+                            // Reads a whole pass, or the allowance rounded
+                            // up to a full recv().
+                            c.read(if allow == usize::MAX { G } else { allow + C });
+                        }
                     }
+                    let total: usize = clients.iter().map(Client::held).sum();
+                    peak = peak.max(total);
+                    b.publish(0, total);
                 }
-                let total: usize = held.iter().sum();
-                peak = peak.max(total);
-                b.publish(0, total);
+                assert!(peak <= bound, "n={n} {mix}: peak {peak} > bound {bound}");
+                if n == 1000 && held {
+                    assert!(b.over(), "{mix}: the flood never reached the bound");
+                }
             }
-            assert!(peak <= bound, "n={n}: peak {peak} > bound {bound}");
-            assert!(b.over());
         }
     }
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::admission::{
-    self, AccessRules, BudgetView, BufferBudget, Refusal, SourceLimits, SourcePermit,
+    self, AccessRules, BudgetView, BufferBudget, Holding, Refusal, SourceLimits, SourcePermit,
 };
 use crate::config::{ListenAddr, Settings};
 use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep, Verdict};
@@ -438,8 +438,13 @@ impl Hooks for Features {
     }
 
     fn allowance(&self, state: &ConnState, conn: &Connection) -> usize {
-        let _ = conn;
-        self.budget.allowance(self.held, state.held as usize)
+        let _ = state;
+        let holding = Holding {
+            bytes: conn.held(),
+            line: conn.partial_len(),
+            max_line: conn.max_line(),
+        };
+        self.budget.allowance(self.held, holding)
     }
 
     fn on_pass(&mut self, state: &mut ConnState, pass: &Pass, conn: &Connection) {

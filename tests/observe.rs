@@ -105,6 +105,10 @@ fn check_session_metrics(workers: &str) {
             1.0,
         ),
         (
+            "xps_connections_closed_total{reason=\"line_timeout\"}".to_string(),
+            0.0,
+        ),
+        (
             "xps_connections_closed_total{reason=\"shutdown\"}".to_string(),
             0.0,
         ),

@@ -561,6 +561,12 @@ impl Connection {
         self.reverser.pending()
     }
 
+    /// The length past which its line is cut into a segment reply
+    /// (`--max-line` when it was accepted).
+    pub fn max_line(&self) -> usize {
+        self.reverser.max_line()
+    }
+
     /// Bytes held for this client in user space: unsent replies and the
     /// unterminated line.
     pub fn held(&self) -> usize {

@@ -23,8 +23,8 @@
 //!   with the trailing zeros of the fraction removed but at least one decimal:
 //!   `12.5`, `0.042`, `3.0`. It is always a JSON number with a `.`.
 //! * `end` is the close or refuse reason of SPEC §5/§6 (`finished`, `reset`,
-//!   `error`, `idle_timeout`, `shutdown`, `denied`, `per_source_limit`,
-//!   `proxy_header`), the same labels as the metrics.
+//!   `error`, `idle_timeout`, `line_timeout`, `shutdown`, `denied`,
+//!   `per_source_limit`, `proxy_header`), the same labels as the metrics.
 //! * Nothing the client sent appears: a log line must not be a channel for
 //!   an attacker's bytes. The only free text is `listener`, which comes from
 //!   the operator's config and is JSON-escaped all the same.
@@ -171,8 +171,9 @@ pub struct Record {
     pub sent: u64,
     /// Replies sent (lines and overlong segments).
     pub lines: u64,
-    /// Why it ended: `finished`, `reset`, `error`, `idle_timeout`, `shutdown`,
-    /// `denied`, `per_source_limit` or `proxy_header`.
+    /// Why it ended: `finished`, `reset`, `error`, `idle_timeout`,
+    /// `line_timeout`, `shutdown`, `denied`, `per_source_limit` or
+    /// `proxy_header`.
     pub end: &'static str,
 }
 

@@ -227,6 +227,12 @@ impl LineReverser {
         self.partial.len()
     }
 
+    /// The length past which an unterminated line is cut into a segment
+    /// reply (`--max-line`; at least 1).
+    pub fn max_line(&self) -> usize {
+        self.max_line
+    }
+
     /// Heap bytes this reverser holds (for memory accounting).
     pub fn capacity(&self) -> usize {
         self.partial.capacity()
