@@ -260,7 +260,11 @@ impl Connection {
         }
         if self.flow == Flow::Paused && self.pending_len() <= LOW_WATER {
             self.flow = Flow::Reading;
-            trace(self.id, "flow control: replies drained, reading again");
+            trace(
+                "xps_connection_write_handler()",
+                self.id,
+                "flow control: replies drained, reading again",
+            );
             if self.ready.readable {
                 pass.next = Next::Again;
             }
@@ -288,6 +292,7 @@ impl Connection {
                 self.flow = Flow::Paused;
                 pass.paused = true;
                 trace(
+                    READ,
                     self.id,
                     "flow control: 1 MiB of replies wait, reading paused",
                 );
@@ -310,7 +315,7 @@ impl Connection {
             .min(allowance - pass.received);
             match self.stream.read(&mut scratch.read[..want]) {
                 Ok(0) => {
-                    trace(self.id, "read: end of input (the client half-closed)");
+                    trace(READ, self.id, "read: end of input (the client half-closed)");
                     pass.replies += self.reverser.finish(&mut scratch.out);
                     self.end_input(AfterReplies::Close);
                     return;
@@ -329,7 +334,7 @@ impl Connection {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    trace(self.id, "read: WouldBlock");
+                    trace(READ, self.id, "read: WouldBlock");
                     self.ready.readable = false;
                     self.ready.read_past_short = false;
                     return;
@@ -584,17 +589,20 @@ impl Connection {
     }
 }
 
-/// A trace line about connection `id` (`--log-level trace`: the loop
-/// narrated for a learner).
-fn trace(id: u64, what: &str) {
-    xps_log!(Level::Trace, "xps_connection()", "#{id}: {what}");
+/// A trace line about connection `id` from `source` (`--log-level trace`:
+/// the loop narrated for a learner).
+fn trace(source: &str, id: u64, what: &str) {
+    xps_log!(Level::Trace, source, "#{id}: {what}");
 }
+
+/// Where the read handler's trace lines say they come from.
+const READ: &str = "xps_connection_read_handler()";
 
 /// The trace line of one read.
 fn trace_read(id: u64, n: usize, lines: usize) {
     xps_log!(
         Level::Trace,
-        "xps_connection_read_handler()",
+        READ,
         "#{id}: read {n} byte(s), {lines} line(s) answered"
     );
 }
