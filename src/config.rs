@@ -15,7 +15,8 @@ use clap::Parser;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::admission::{AccessRules, Action, DEFAULT_MAX_BUFFERED, Rule, Scope, parse_scope};
+use crate::policy::access::{AccessRules, Action, Rule, Scope, parse_scope};
+use crate::policy::budget::DEFAULT_MAX_BUFFERED;
 use crate::protocol::DEFAULT_MAX_LINE;
 use crate::utils::logger::Level;
 
@@ -52,7 +53,7 @@ pub struct Cli {
     pub config: Option<PathBuf>,
 
     /// Listen on HOST:PORT (repeatable; replaces the config's or default
-    /// listeners). IPv6 as [::1]:8001. Port 0 picks a free port, logged at start.
+    /// listeners). IPv6 as `[::1]:8001`. Port 0 picks a free port, logged at start.
     #[arg(short, long, value_name = "HOST:PORT", value_parser = parse_listen_arg)]
     pub listen: Vec<ListenAddr>,
 

@@ -3,9 +3,9 @@
 //!
 //! | hook            | what answers it                                            |
 //! |-----------------|------------------------------------------------------------|
-//! | `on_accept`     | `--proxy-from` (PROXY listeners), access rules and the per-source limit (`admission`); the accept counter |
-//! | preface         | the PROXY header (`network::proxy_header`), then the same admission for the client it names |
-//! | `allowance`     | the global memory bound (`admission::BudgetView`)          |
+//! | `on_accept`     | `--proxy-from` (PROXY listeners), access rules and the per-source limit (`policy`); the accept counter |
+//! | preface         | the PROXY header (`policy::proxy_protocol`), then the same admission for the client it names |
+//! | `allowance`     | the global memory bound (`policy::budget`)          |
 //! | `on_pass`       | per-turn totals for the metrics; the access log's per-connection totals; the bytes held |
 //! | `on_close`      | the close counters and the access-log record               |
 //! | `on_turn`       | one metrics update and one access-log batch per turn; the budget published |
@@ -18,18 +18,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::admission::{
-    self, AccessRules, BudgetView, BufferBudget, Holding, Refusal, SourceLimits, SourcePermit,
-};
 use crate::config::{ListenAddr, Settings};
 use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep, Verdict};
 use crate::network::connection::{Connection, Pass};
 use crate::network::io::CloseReason;
-use crate::network::proxy_header::{
-    HEADER_TIMEOUT, HeaderFailure, HeaderReader, ProxyError, ProxyHeader,
-};
 use crate::observe::access_log::{AccessLog, Record};
 use crate::observe::metrics::{AcceptError, ListenerCounter, Metrics, WorkerMetrics};
+use crate::policy::access::AccessRules;
+use crate::policy::budget::{BudgetView, BufferBudget, Holding};
+use crate::policy::proxy_protocol::{
+    HEADER_TIMEOUT, HeaderFailure, HeaderReader, ProxyError, ProxyHeader,
+};
+use crate::policy::source_limit::{SourceLimits, SourcePermit};
+use crate::policy::{self, Refusal};
 use crate::slots::Slots;
 use crate::utils::logger::Level;
 use crate::utils::ratelimit::RateLimited;
@@ -198,7 +199,7 @@ impl Features {
 
     /// Access rules, then the per-source permit, for `client`.
     fn admit(&self, client: SocketAddr) -> Result<Option<Box<SourcePermit>>, Refusal> {
-        admission::admit(&self.admission.rules, &self.admission.sources, client.ip())
+        policy::admit(&self.admission.rules, &self.admission.sources, client.ip())
             .map(|permit| permit.key().is_some().then(|| Box::new(permit)))
     }
 

@@ -17,7 +17,6 @@
 //! | (beyond Stage 6)           | [`slots`]                | `--max-connections` slots as guards |
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
 
-pub mod admission;
 pub mod config;
 pub mod control;
 pub mod core;
@@ -25,6 +24,7 @@ pub mod event_loop;
 pub mod features;
 pub mod network;
 pub mod observe;
+pub mod policy;
 pub mod protocol;
 pub mod server;
 pub mod slots;

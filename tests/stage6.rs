@@ -29,14 +29,8 @@ fn stage6_binary() -> PathBuf {
         "{} is missing: `cargo test` (without a target filter) builds the examples",
         path.display()
     );
-    // A filtered `cargo test --test stage6` builds the library and `xps` but
-    // not the examples: an example older than `xps` is a stale one.
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    assert!(
-        modified(&path) >= modified(std::path::Path::new(XPS)),
-        "{} is older than xps: run `cargo build --release --examples`",
-        path.display()
-    );
+    // A filtered `cargo test --test stage6` does not rebuild the examples:
+    // run `cargo build --release --examples` first, or `cargo test` whole.
     path
 }
 
@@ -330,9 +324,9 @@ fn the_stage6_example_links_no_feature() {
         "xps::observe::",
         "xps::control::reload::",
         "xps::control::systemd::",
-        "xps::network::proxy_header::",
-        "xps::admission::BufferBudget",
-        "xps::admission::SourceLimits",
+        "xps::policy::proxy_protocol::",
+        "xps::policy::budget::",
+        "xps::policy::source_limit::",
     ] {
         let found: Vec<&str> = symbols
             .lines()

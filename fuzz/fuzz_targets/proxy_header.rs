@@ -22,9 +22,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::net::SocketAddr;
-use xps::network::proxy_header::{Command, HeaderReader, MAX_HEADER, Parsed, ProxyHeader, parse};
+use xps::policy::proxy_protocol::{Command, HeaderReader, MAX_HEADER, Parsed, ProxyHeader, parse};
 
-type Outcome = Result<Option<(ProxyHeader, Vec<u8>)>, xps::network::proxy_header::ProxyError>;
+type Outcome = Result<Option<(ProxyHeader, Vec<u8>)>, xps::policy::proxy_protocol::ProxyError>;
 
 fn chunked(sizes: &[u8], input: &[u8]) -> Outcome {
     let mut r = HeaderReader::new();

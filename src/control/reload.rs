@@ -34,7 +34,6 @@ use std::sync::mpsc::Sender;
 
 use mio::Waker;
 
-use crate::admission::AccessRules;
 use crate::config::{Cli, ListenAddr, Settings};
 use crate::control::systemd::Notifier;
 use crate::core::{Control, Reconfigure};
@@ -42,6 +41,7 @@ use crate::features::{Admission, Features, Update};
 use crate::network::listener::{self, ListenError};
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
+use crate::policy::access::AccessRules;
 use crate::slots::Slots;
 use crate::utils::logger::Level;
 use crate::xps_log;

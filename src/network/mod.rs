@@ -1,6 +1,5 @@
-//! eXpServer's `network/`: the listener and connection modules, the socket
-//! details they share ([`io`]), and the PROXY protocol header's parser.
+//! eXpServer's `network/`: the listener and connection modules, and the
+//! socket details they share ([`io`]).
 pub mod connection;
 pub mod io;
 pub mod listener;
-pub mod proxy_header;

@@ -110,8 +110,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use crate::admission::Refusal;
 use crate::network::io::CloseReason;
+use crate::policy::Refusal;
 use crate::utils::logger::Level;
 use crate::xps_log;
 
@@ -1200,7 +1200,7 @@ xps_access_log_dropped_total 3
                         w.sent(10);
                         w.closed(&CloseReason::Reset(io::ErrorKind::ConnectionReset.into()));
                         w.refused(Refusal::ProxyHeader(
-                            crate::network::proxy_header::HeaderFailure::Closed,
+                            crate::policy::proxy_protocol::HeaderFailure::Closed,
                         ));
                     }
                     w.accept_error(AcceptError::Other);
