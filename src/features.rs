@@ -204,6 +204,7 @@ impl Features {
     }
 
     /// The state of an admitted connection.
+    #[inline]
     fn serve(
         &self,
         permit: Option<Box<SourcePermit>>,
@@ -463,6 +464,7 @@ impl Hooks for Features {
         state.held = held.min(u32::MAX as usize) as u32;
     }
 
+    #[inline]
     fn on_close(&mut self, state: ConnState, reason: &CloseReason, now: Instant) {
         self.held -= state.held as usize;
         let ended = state.report.as_deref().map(|r| Ended {

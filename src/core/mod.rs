@@ -340,6 +340,7 @@ impl<H: Hooks> Core<H> {
     }
 
     /// Tells the hooks how a connection ended, whatever its session.
+    #[inline]
     fn session_ended(&mut self, session: Session<H>, reason: CloseReason) {
         match session {
             Session::Serving(state) => self.hooks.on_close(state, &reason, self.clock.now),
@@ -516,6 +517,8 @@ impl<H: Hooks> Handler for Core<H> {
 
 impl<H: Hooks> Core<H> {
     /// The trace line of one epoll event: what it is for and its flags.
+    #[cold]
+    #[inline(never)]
     fn trace_event(&self, target: Target, event: &Event) {
         let what = match target {
             Target::Connection(key) => match self.connections.get(key) {

@@ -179,6 +179,7 @@ impl ConnTimers {
     /// the read that left a new unterminated line and stops while the
     /// connection is not being read (flow control, or out of allowance).
     /// Returns a deadline to push when it is earlier than the heap's.
+    #[inline]
     pub fn after_pass(
         &mut self,
         now: Moment,

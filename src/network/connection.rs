@@ -244,6 +244,7 @@ impl Connection {
 
     /// One pass on a ready connection: the read handler (at most
     /// `allowance` bytes), then the write handler, then what comes next.
+    #[inline]
     pub fn handle(&mut self, scratch: &mut Scratch, allowance: usize) -> Pass {
         let mut pass = Pass::default();
         let reads = matches!(self.phase, Phase::Open | Phase::Draining { .. });
@@ -286,6 +287,7 @@ impl Connection {
     /// answers every complete line into `scratch.out`, until the socket is
     /// drained, flow control pauses it, or the read budget or `allowance`
     /// is spent.
+    #[inline(always)]
     pub fn read_handler(&mut self, scratch: &mut Scratch, allowance: usize, pass: &mut Pass) {
         loop {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
@@ -351,6 +353,7 @@ impl Connection {
     /// `xps_connection_write_handler()`: sends this pass's replies (and any
     /// older ones) with at most one `send()`, and keeps what the socket did
     /// not take for its next writable edge.
+    #[inline(always)]
     pub fn write_handler(&mut self, scratch: &mut Scratch, pass: &mut Pass) {
         let out = &scratch.out;
         if self.pending_len() == 0 {
@@ -400,6 +403,7 @@ impl Connection {
 
     /// One `send()` of `data` if the socket is writable; a refusal waits for
     /// the next writable edge.
+    #[inline(always)]
     fn send(&mut self, data: &[u8]) -> Result<usize, CloseReason> {
         if data.is_empty() || !self.ready.writable {
             return Ok(0);

@@ -148,6 +148,9 @@ pub fn set_worker(id: Option<usize>) {
 }
 
 /// Writes one line. Use the `xps_log!` macro, which checks [`enabled`] first.
+/// Cold: the event loop's hot paths hold trace calls that are off.
+#[cold]
+#[inline(never)]
 pub fn write(level: Level, source: &str, args: fmt::Arguments<'_>) {
     let line = format_line(level, source, args, COLOUR.load(Ordering::Relaxed));
     let _ = std::io::stderr().lock().write_all(line.as_bytes());

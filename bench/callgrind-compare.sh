@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Instructions per line and per connection of two xps binaries, counted by
+# callgrind (instruction counts do not depend on the machine's load, so a
+# difference of 1 % can be seen on a shared VM). For a change to the line
+# path: build the old and the new binary, then
+#
+#   bench/callgrind-compare.sh OLD_XPS NEW_XPS [OUTDIR]    # default /tmp/cg-compare
+#   REPS=5 SECS=4 MODES="lines churn" EXTRA="--metrics 127.0.0.1:0" bench/callgrind-compare.sh A B
+#
+# Each binary runs `--listen 127.0.0.1:0 $EXTRA` under callgrind, REPS times
+# per load (default 3, the order alternating), for SECS seconds of load
+# (default 4): lines C=64 P=16 size 64, churn C=16 size 64, from the release
+# xps-bench, and once with no load. Then
+#     Ir per op = (Ir(run) - Ir(idle)) / ops
+# and the ratio of the medians, new over old. Only loopback is targeted; only
+# the servers started here are stopped, by PID. Needs valgrind and
+# `cargo build --release -p xps-bench`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OLD=$1 NEW=$2
+OUT=${3:-/tmp/cg-compare}
+REPS=${REPS:-3}
+SECS=${SECS:-4}
+MODES=${MODES:-lines churn}
+read -r -a EXTRA <<<"${EXTRA:-}"
+BENCH=target/release/xps-bench
+mkdir -p "$OUT"
+command -v valgrind >/dev/null || { echo "callgrind-compare.sh: valgrind is required" >&2; exit 1; }
+[ -x "$BENCH" ] || { echo "callgrind-compare.sh: build $BENCH first" >&2; exit 1; }
+
+# run NAME BINARY MODE SECONDS REP: appends "name mode rep Ir ops" to runs.txt.
+run() {
+    local name=$1 bin=$2 mode=$3 secs=$4 tag="$1.$3.$5"
+    rm -f "$OUT/cg.$tag.out"
+    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$tag.out" \
+        --log-file="$OUT/vg.$tag.log" \
+        "$bin" --listen 127.0.0.1:0 "${EXTRA[@]}" 2>"$OUT/err.$tag.log" &
+    local pid=$! port=""
+    for _ in $(seq 1 300); do
+        port=$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$OUT/err.$tag.log" 2>/dev/null | head -n1 || true)
+        [ -n "$port" ] && break
+        sleep 0.1
+    done
+    [ -n "$port" ] || { kill -TERM "$pid"; echo "no port for $tag" >&2; exit 1; }
+    local args=(--conns 16 --size 64) key=connections ops=1
+    [ "$mode" = lines ] && { args=(--conns 64 --pipeline 16 --size 64); key=lines; }
+    if [ "$mode" = idle ]; then
+        sleep "$secs"
+    else
+        "$BENCH" "$mode" --addr "127.0.0.1:$port" "${args[@]}" --duration "$secs" --warmup 0 \
+            >"$OUT/bench.$tag.json"
+        ops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+            "$OUT/bench.$tag.json" "$key")
+    fi
+    kill -TERM "$pid"
+    wait "$pid" || true
+    local ir
+    ir=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
+    [ -n "$ir" ] || ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
+    echo "$name $mode $5 $ir $ops" | tee -a "$OUT/runs.txt" >&2
+}
+
+: >"$OUT/runs.txt"
+run old "$OLD" idle 2 0
+run new "$NEW" idle 2 0
+for mode in $MODES; do
+    for rep in $(seq 1 "$REPS"); do
+        if [ $((rep % 2)) -eq 1 ]; then order="old new"; else order="new old"; fi
+        for v in $order; do
+            if [ "$v" = old ]; then run old "$OLD" "$mode" "$SECS" "$rep"; else run new "$NEW" "$mode" "$SECS" "$rep"; fi
+        done
+    done
+done
+
+python3 - "$OUT/runs.txt" <<'PY'
+import statistics
+import sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+idle = {v: int(ir) for v, m, _, ir, _ in rows if m == "idle"}
+per = {}
+for v, m, _, ir, ops in rows:
+    if m != "idle":
+        per.setdefault((m, v), []).append((int(ir) - idle[v]) / int(ops))
+print("| load | binary | Ir per op, each run | median |")
+print("|---|---|---|---:|")
+modes = [m for m in ("lines", "churn") if (m, "old") in per]
+for m in modes:
+    for v in ("old", "new"):
+        vals = per[(m, v)]
+        print("| %s | %s | %s | %.1f per %s |" % (m, v, ", ".join("%.1f" % x for x in vals),
+              statistics.median(vals), "line" if m == "lines" else "connection"))
+for m in modes:
+    o, n = statistics.median(per[(m, "old")]), statistics.median(per[(m, "new")])
+    print("%s: new / old = %.4f (%+.2f %%, %+.1f Ir per op)" % (m, n / o, 100 * (n / o - 1), n - o))
+print("idle (start-up + shutdown) Ir: %s" % idle)
+PY
