@@ -7,15 +7,18 @@
 //!
 //! | eXpServer                  | xps                      | what it is                         |
 //! |----------------------------|--------------------------|------------------------------------|
-//! | `main.c`                   | `src/main.rs`            | start-up, workers, signals         |
+//! | `main.c`                   | `src/main.rs`, [`server`] | start-up, workers                 |
 //! | `xps_loop` (in `main.c`)   | [`event_loop`]           | epoll through mio                  |
-//! | `core/xps_core`            | [`core`]                 | one worker's listeners, connections, timers |
-//! | `network/xps_listener`     | [`network::listener`]    | listening sockets, accept errors   |
-//! | `network/xps_connection`   | [`network::connection`]  | per-connection I/O and flow control|
+//! | `network/xps_listener`     | [`network::listener`]    | listening sockets, the accept loop |
+//! | `network/xps_connection`   | [`network::connection`]  | read and write handlers, flow control |
 //! | (the reversal in the read handler) | [`protocol`]     | the pure line-reversal state machine |
+//! | `core/xps_core` (Stage 7)  | [`core`]                 | one worker: dispatch, timers, drain, the hooks |
 //! | `xps_config`               | [`config`]               | command line and JSON config       |
-//! | (beyond Stage 6)           | [`slots`]                | `--max-connections` slots as guards |
 //! | `utils/xps_logger`         | [`utils::logger`]        | `[LEVEL] source : message`         |
+//! | (beyond Stage 6)           | [`features`], [`policy`], [`observe`], [`control`], [`slots`] | what plugs in through [`core::hooks`] |
+//!
+//! The first three rows are the spine and name no feature;
+//! `examples/stage6.rs` runs them with no feature at all.
 
 pub mod config;
 pub mod control;
