@@ -2,12 +2,13 @@
 //!
 //! * [`metrics`]: per-worker counters that cost the line path no lock and no
 //!   shared cache line, summed by a scrape thread into the Prometheus text
-//!   format behind `--metrics HOST:PORT`.
+//!   format, which [`http`] serves behind `--metrics HOST:PORT`.
 //! * [`access_log`]: one JSON line per connection that ends, written by a
 //!   dedicated thread so the event loop never waits for the disk.
 //!
 //! [`open`] starts what the settings ask for, before any worker runs.
 pub mod access_log;
+pub mod http;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -50,7 +51,7 @@ pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
             })?;
             let local = socket.local_addr().unwrap_or(at);
             let metrics = Metrics::new(settings.workers);
-            metrics::serve(socket, metrics.clone()).map_err(|e| {
+            http::serve(socket, metrics.clone()).map_err(|e| {
                 OpenError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
             })?;
             xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
