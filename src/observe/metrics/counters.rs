@@ -9,8 +9,8 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::admission::Refusal;
 use crate::network::io::CloseReason;
+use crate::policy::Refusal;
 
 /// A failed `accept(2)` (`xps_accept_errors_total`'s `error` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -380,7 +380,7 @@ mod tests {
                         w.sent(10);
                         w.closed(&CloseReason::Reset(io::ErrorKind::ConnectionReset.into()));
                         w.refused(Refusal::ProxyHeader(
-                            crate::network::proxy_header::HeaderFailure::Closed,
+                            crate::policy::proxy_protocol::HeaderFailure::Closed,
                         ));
                     }
                     w.accept_error(AcceptError::Other);

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 
 use super::counters::{AcceptError, Metrics, WorkerBlock};
 use super::procfs::ProcessStats;
-use crate::admission::Refusal;
 use crate::network::io::CloseReason;
+use crate::policy::Refusal;
 
 /// The content type of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
