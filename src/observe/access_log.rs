@@ -5,104 +5,14 @@
 //! {"time":"2026-12-01T21:30:00.123Z","listener":"0.0.0.0:8001","client":"203.0.113.7:51234","worker":0,"duration_ms":12.5,"received":120,"sent":120,"lines":2,"end":"finished"}
 //! ```
 //!
-//! `"proxy":"ADDR"` (the balancer's own address) follows `"client"` when the
-//! connection came through a PROXY-protocol listener; `client` is then the
-//! address from the header.
-//!
-//! # Shape of the line
-//!
-//! * The fields are nginx's `$time_iso8601 $server_addr:$server_port
-//!   $remote_addr:$remote_port $request_time $bytes_received $bytes_sent` and
-//!   HAProxy's TCP log (`%ci:%cp %ft %Tt %U %B %ts`), as JSON because that is
-//!   what log shippers (Vector, Fluent Bit, Loki, jq) read without a grammar.
-//! * `time` is when the connection ended, RFC 3339 in UTC with milliseconds
-//!   (`Z`, never a local offset: lines from hosts in different zones sort).
-//!   It is computed here with Howard Hinnant's `civil_from_days`; a date crate
-//!   would be a dependency for twenty lines of arithmetic.
-//! * `duration_ms` has microsecond resolution (truncated, not rounded), printed
-//!   with the trailing zeros of the fraction removed but at least one decimal:
-//!   `12.5`, `0.042`, `3.0`. It is always a JSON number with a `.`.
-//! * `end` is the close or refuse reason of SPEC §5/§6 (`finished`, `reset`,
-//!   `error`, `idle_timeout`, `line_timeout`, `shutdown`, `denied`,
-//!   `per_source_limit`, `proxy_header`), the same labels as the metrics.
-//! * Nothing the client sent appears: a log line must not be a channel for
-//!   an attacker's bytes. The only free text is `listener`, which comes from
-//!   the operator's config and is JSON-escaped all the same.
-//!
-//! # Why a thread, and why drop rather than block
-//!
-//! A worker's event loop serves thousands of connections; one `write(2)` that
-//! waits for a slow or full disk would stall all of them. So a worker only
-//! collects the [`Record`]s of one loop turn and `try_send`s them as one
-//! batch ([`AccessLog::log_batch`]) on a bounded channel; a dedicated thread
-//! formats them, owns the file, writes through a 64 KiB buffer and flushes
-//! at least once a second, at a reopen, and at shutdown. While it holds
-//! unflushed lines it polls the channel every 50 ms instead of blocking on
-//! it: a send only wakes a receiver that waits, so under load ending a
-//! connection costs the worker no futex wake-up. (Formatting on the worker
-//! and a wake-up per line cost 11–25 % more CPU per connection in churn;
-//! see docs/performance.md.) [`AccessLog::log`] sends one record the same
-//! way, for callers that are not event loops. This is nginx's `access_log ... buffer= flush=`
-//! without its risk of the worker blocking when the buffer fills, and
-//! HAProxy's choice of never letting logging slow down traffic (it logs over
-//! a non-blocking UDP socket and drops when the receiver is behind).
-//!
-//! When the writer falls behind and the queue is full, the line is dropped
-//! and a counter the caller shares with the metrics
-//! (`xps_access_log_dropped_total`) is incremented: the server is never
-//! blocked, and the operator can see exactly how many lines are missing. The
-//! queue is bounded (by default [`DEFAULT_CAPACITY`] lines, a few MiB at
-//! most) so a stalled disk cannot grow memory either.
-//!
-//! # Every record is in the file whole, or counted as dropped
-//!
-//! SPEC §5: records in the file(s) + dropped = connections ended, and a line
-//! is written whole or not at all. So the writer keeps its own buffer of
-//! whole lines (a `BufWriter` hides where a short write stopped) and counts,
-//! after each `write(2)`, the lines it finished. On a full disk a write is
-//! cut short, mid-line, and the next fails: the half line is cut off again
-//! (`ftruncate` back to the last whole line, if nothing was written after
-//! it), and every record not written whole is counted as dropped — also at a
-//! reopen, where the old buffer is settled before the file is switched. A
-//! pipe (stdout) is written in pieces of whole lines of at most `PIPE_BUF`
-//! bytes, which a pipe takes whole or not at all.
-//!
-//! # Shutdown, whatever the disk does
-//!
-//! SPEC §4: exit within a few seconds. A `write(2)` to a pipe nobody reads,
-//! or to a hung NFS mount, blocks, and no signal interrupts it; so
-//! [`AccessLogWriter::close`] waits for the writer's last flush at most
-//! [`CLOSE_GRACE`], then leaves it behind to die with the process. Records
-//! handed to the writer and not yet written whole are counted as they go
-//! (`Pending::outstanding`: a batch is added by the worker with the one
-//! atomic it already paid, the writer subtracts what each write settled), so
-//! the closer knows how many to count as dropped while the writer is stuck.
-//! The total dropped is logged at exit: `[WARNING] xps_access_log() : access
-//! log: N record(s) not written, dropped`.
-//!
-//! # Rotation and reload
-//!
-//! [`AccessLog::reopen`] is logrotate's convention (SIGUSR1, also SIGHUP):
-//! logrotate renames the file, then signals; the writer flushes what it holds
-//! into the old (renamed) file, opens the path again (creating it) and goes
-//! on. The request travels through the same queue as the lines, so every line
-//! logged before `reopen` returns lands in the old file and every line logged
-//! after it in the new one. Only when the queue is full is the request taken
-//! out of band (a flag the writer checks before each line), and then lines
-//! already queued may land in the new file; none is lost because of it.
-//! [`AccessLog::reopen_at`] does the same with a new path, for a reload that
-//! changes `access_log`.
-//!
-//! Errors: the first open (in [`open`]) is done by the caller's thread and
-//! its error returned, so start-up fails with a clear message. A failed
-//! reopen is logged once and the writer keeps writing to the old file (and
-//! keeps its old path). Failed writes are logged once until a write succeeds
-//! again; the lines that could not be written are counted as dropped (and
-//! not retried: the buffer stays bounded).
-//!
-//! The path `-` means stdout. The file is opened with `O_APPEND` (so
-//! `copytruncate` and several writers are safe) and created with mode `0640`
-//! (before the umask).
+//! A worker never waits for the disk: it hands each loop turn's [`Record`]s
+//! to a dedicated writer thread as one batch ([`AccessLog::log_batch`]), and
+//! when the writer falls behind the batch is dropped and counted
+//! (`xps_access_log_dropped_total`), never queued without bound. Every record
+//! is in the file whole or counted as dropped, also on a full disk and at a
+//! shutdown that gives a blocked writer up after [`CLOSE_GRACE`].
+//! `docs/access-log.md` explains the line's shape, the thread, the
+//! accounting, shutdown and rotation; `docs/operations.md` the fields.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -460,7 +370,9 @@ impl AccessLog {
     }
 
     /// Asks the writer to flush and reopen its current path (logrotate:
-    /// SIGUSR1 / SIGHUP). Returns at once; see the module docs for ordering.
+    /// SIGUSR1 / SIGHUP). Returns at once; unless the queue is full, lines
+    /// logged before it land in the old file and lines logged after it in the
+    /// new one (`docs/access-log.md`, "Rotation and reload").
     pub fn reopen(&self) {
         self.request(None);
     }
