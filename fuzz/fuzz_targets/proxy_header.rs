@@ -1,5 +1,5 @@
 //! Fuzz target for the PROXY protocol header parser
-//! (`xps::network::proxy_header`, SPEC §6).
+//! (`xps::policy::proxy_protocol`, SPEC §6).
 //!
 //! Input layout: byte 0: `n = byte % 16`, the number of chunk-size bytes
 //! that follow; the next `n` bytes: chunk sizes (0..=255, used cyclically; a

@@ -3,83 +3,15 @@
 //! error (SPEC §6).
 //!
 //! A listener opened with `--listen-proxy` sits behind an L4 balancer that
-//! prepends one header to every connection, saying who the real client is.
-//! The connection code feeds what `recv()` returned to a [`HeaderReader`]
-//! until it yields the header; the bytes after it are the client's first
-//! lines and are answered like any others.
-//!
-//! # The contract
-//!
-//! * [`parse`] is a function of the bytes received so far and nothing else,
-//!   so a header split byte by byte gives exactly the result it gives whole
-//!   (the proptests and the `proxy_header` fuzz target check this, errors
-//!   included).
-//! * Never guess: only the complete, valid forms below are accepted.
-//! * Never wait for bytes that cannot help: [`parse`] answers `Err` at the
-//!   first byte after which no continuation can become a valid header, and
-//!   the error is the one that byte causes, so a longer prefix never turns it
-//!   into another error. `PROXY TCP4 1.2.3.256` fails at the `6`, a v2 header
-//!   with version nibble 1 fails at its 13th byte, one declaring 3000 bytes
-//!   fails at its 16th, and a v1 line whose shortest possible completion would
-//!   pass 107 bytes fails as soon as that is certain, before its CR.
-//! * Memory is bounded by [`MAX_HEADER`], whatever the peer sends.
-//!
-//! # Accepted forms
-//!
-//! v1, one text line ending in CR LF, at most 107 bytes including it:
-//! `PROXY TCP4 <v4> <v4> <port> <port>\r\n`, the same with `TCP6` and IPv6
-//! addresses, and `PROXY UNKNOWN…\r\n` (anything between `UNKNOWN` and the
-//! CR LF is ignored, as the spec says, except a LF: a LF anywhere but after
-//! the CR is refused). Single spaces, addresses as Rust's `Ipv4Addr` /
-//! `Ipv6Addr` parse them (no leading zeros in IPv4 octets), ports in decimal
-//! 0..=65535 without leading zeros or sign.
-//!
-//! v2, binary: the 12-byte signature, version nibble 2, command `LOCAL` or
-//! `PROXY`, then one of the family/protocol bytes the spec defines (`0x00`,
-//! `0x11`, `0x12`, `0x21`, `0x22`, `0x31`, `0x32`; the spec says any other
-//! "must be rejected as invalid by receivers"), a big-endian length, and that
-//! many bytes: the address block, then TLVs, which are skipped unread.
-//!
-//! * `PROXY` over TCP/IPv4 (`0x11`) or TCP/IPv6 (`0x21`) gives the addresses;
-//!   the declared length must cover the family's block (12 or 36 bytes).
-//! * `PROXY` over a UNIX stream (`0x31`, block of 216 bytes) or `UNSPEC`
-//!   (`0x00`) gives no addresses (`source: None`): the connection code uses
-//!   the socket's own.
-//! * `PROXY` over UDP (`0x12`, `0x22`, `0x32`) is refused: xps serves TCP
-//!   streams, and a datagram's addresses would be a guess.
-//! * `LOCAL` (a balancer's health check) gives no addresses whatever its
-//!   family byte. The spec says the receiver "must discard the protocol
-//!   block including the family", so for `LOCAL` the block's length is not
-//!   checked against the family (HAProxy does the same); the family byte
-//!   itself must still be one of the defined values.
-//!
-//! # Limits
-//!
-//! [`MAX_HEADER`] is 16 + [`V2_MAX_BLOCK`] = 2064 bytes. The v2 length field
-//! allows 65,535 bytes; real balancers send the 12/36-byte address block
-//! plus a few TLVs (AWS's VPC endpoint id, GCP's PSC id, SSL details), well
-//! under 2 KiB, so a declared length above 2048 is refused at once rather
-//! than buffered. A v1 header never passes 107 bytes, so neither buffer can
-//! grow past [`MAX_HEADER`].
-//!
-//! # Why not the `ppp` crate
-//!
-//! `ppp` 2.3 parses complete headers well and is used here as the tests'
-//! independent encoder and oracle (dev-dependency, and in the fuzz target),
-//! but as the parser it would break this contract in ways that need more
-//! wrapping than the parser itself takes to write:
-//!
-//! * v1: it waits for a CR (up to 107 bytes) before rejecting anything, so
-//!   `PROXY TCP4 999` or a LF-terminated line is "incomplete", not an error;
-//!   a lone LF inside `UNKNOWN` is accepted; ports are parsed with
-//!   `u16::from_str`, which takes `+80`.
-//! * v2: it checks the version and command only once 16 bytes are in, accepts
-//!   `PROXY` over UDP and undefined family/protocol pairs such as `0x01`, has
-//!   no cap on the declared length, and refuses a `LOCAL` header whose block
-//!   is shorter than its (ignored) family.
-//!
-//! So both versions are hand-written; the v1 address checks use the
-//! standard library's address parsers, so no address grammar is re-invented.
+//! prepends one header to every connection, naming the real client. The
+//! production hooks ([`crate::features`]) feed what each read returned to a
+//! [`HeaderReader`] while the connection is in its preface
+//! ([`crate::core::session`]); the bytes after the header are the client's
+//! first lines. [`parse`] depends only on the bytes so far (split byte by
+//! byte, a header gives what it gives whole), fails at the first byte no
+//! continuation could make valid, and never buffers more than
+//! [`MAX_HEADER`]. `docs/proxy-protocol.md` lists the accepted forms, the
+//! limits, and why this is not the `ppp` crate.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -257,7 +189,7 @@ pub fn parse(prefix: &[u8]) -> Result<Parsed, ProxyError> {
 /// heap memory; it never buffers more than [`MAX_HEADER`] bytes.
 ///
 /// After it returns `Ok(Some(..))` or `Err`, it is empty again (as from
-/// [`HeaderReader::new`]); the connection code drops it then.
+/// [`HeaderReader::new`]); the hooks drop it then.
 #[derive(Debug, Default)]
 pub struct HeaderReader {
     /// The header bytes received so far, when they came in several reads
