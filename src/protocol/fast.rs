@@ -1,33 +1,15 @@
-//! The fast path: the same two operations as the plain ones in
-//! [`super`] (find the next LF, reverse a line's content), written for speed.
-//!
-//! # Why it exists
+//! The fast path: the same two operations as the plain ones in [`super`]
+//! (find the next LF, reverse a line's content), written for speed: an SSE2
+//! compare mask finds a LF in the first 64 bytes (`memchr` past them), and
+//! the byte reversal walks inwards 16 bytes at a time, noting on the way
+//! whether the content was ASCII.
 //!
 //! At 64-byte lines the server spends most of its user time in these two
-//! loops. Measured with callgrind on `LineReverser::feed` (64-byte ASCII lines
-//! in 16 KiB reads, `examples/protocol_callgrind.rs`), writing replies in
-//! place plus the two loops below took the protocol from 270 to 117
-//! instructions per line (docs/performance.md):
-//!
-//! * the LF is found with one SSE2 compare mask over the first 64 bytes
-//!   instead of a `memchr` call, whose set-up costs more than the search on
-//!   short lines; `memchr` still takes over past 64 bytes;
-//! * the byte reversal walks inwards from both ends a 16-byte word at a time
-//!   (`u128::swap_bytes`), the last two words overlapping, so no line length
-//!   has a byte-by-byte tail; whether the content was ASCII (the only case in
-//!   which a byte reversal is already the answer) is the OR of the words it
-//!   moved, so ASCII costs no separate pass.
-//!
-//! # Why it can be trusted
-//!
-//! It must give exactly the bytes of the plain reference in [`super`], and
-//! that is tested, not argued: the proptest
-//! `protocol::tests::fast_path_matches_plain_reference` feeds arbitrary bytes,
-//! split arbitrarily, with arbitrary `max_line`, through both
-//! ([`super::LineReverser::feed`] and [`super::LineReverser::feed_plain`]) and
-//! compares every reply byte and every reply count; the fuzz target does the
-//! same. The tests below also walk every length and LF position across the
-//! 16-byte steps and the 64-byte hand-over to `memchr`.
+//! loops. They must give exactly the plain form's bytes, and that is tested,
+//! not argued: the proptest `fast_path_matches_plain_reference` feeds
+//! arbitrary input through both ([`super::LineReverser::feed`] and
+//! [`super::LineReverser::feed_plain`]), and the fuzz target does the same.
+//! `docs/protocol.md` ("The fast path") has the measurements and the details.
 
 use super::{LineOps, reverse_graphemes};
 

@@ -1,62 +1,18 @@
-//! The string-reversal protocol, as a pure state machine: bytes in, bytes out.
+//! The string-reversal protocol (SPEC §2), as a pure state machine: bytes
+//! in, bytes out.
 //!
-//! Nothing here touches a socket, a clock or a log. The connection module feeds
-//! whatever bytes `recv()` returned into [`LineReverser::feed`] and sends whatever
-//! it appended to the output buffer. Keeping the protocol pure is what lets it be
-//! unit-tested with exact bytes, property-tested against every way TCP could split
-//! the input, fuzzed, and benchmarked without a network.
+//! Nothing here touches a socket, a clock or a log: the connection's read
+//! handler feeds whatever `recv()` returned into [`LineReverser::feed`] and
+//! sends whatever it appended. Keeping the protocol pure is what lets it be
+//! tested with exact bytes, property-tested against every way TCP could split
+//! the input, fuzzed, and benchmarked without a network. The only state kept
+//! between reads is the unterminated line, and every decision is a function
+//! of that line's bytes alone, so a reply never depends on how TCP split the
+//! input (the C tutorial reverses each `recv()` instead).
 //!
-//! # How to read it
-//!
-//! This file is the whole algorithm in its plain form, to be read first: the
-//! rules, the state kept between reads ([`LineReverser`]), how a read is cut
-//! into lines and overlong lines into segments, and the two byte-level
-//! operations it is built on (`LineOps`) in their plain form (`Plain`:
-//! a LF search by iterator, reversal by grapheme clusters or by bytes).
-//! The server runs the same algorithm with faster forms of those two
-//! operations (an SSE2 LF search, a byte reversal 16 bytes at a time), which
-//! live in `fast.rs` with the reasons they exist; a proptest checks that they
-//! give exactly the plain form's bytes.
-//!
-//! # The rules (SPEC §2)
-//!
-//! * Input is split into lines at `\n`. Each complete line is answered by its
-//!   content reversed, followed by the same terminator: `\n`, or `\r\n` when the
-//!   line ended with CR LF.
-//! * Content that is valid UTF-8 is reversed by extended grapheme clusters (so a
-//!   combining accent stays on its letter and an emoji family stays whole);
-//!   anything else is reversed byte by byte. (For ASCII the two agree: every
-//!   ASCII byte is its own cluster, CR LF being the one exception, and a line's
-//!   content never holds a CR LF. The fast path relies on that.)
-//! * On half-close, an unterminated last line is answered without a terminator
-//!   ([`LineReverser::finish`]).
-//! * A line longer than `max_line` bytes is answered in `max_line`-sized segments
-//!   as they fill, so unterminated input never costs more than `max_line`
-//!   bytes of memory.
-//!
-//! A *reply* is one of: a complete line's answer (with its terminator), one
-//! segment of an overlong line, or the answer to the unterminated last line.
-//! [`LineReverser::feed`] and [`LineReverser::finish`] return how many they
-//! appended (the `xps_lines_total` metric counts them).
-//!
-//! # Why the output never depends on how TCP split the input
-//!
-//! The C tutorial reverses whatever one `recv()` returned, so `abc` sent as `ab`
-//! then `c` comes back as `bac`. Here the only state carried between reads is
-//! the unfinished line, and every decision is a function of the bytes of that
-//! line alone:
-//!
-//! * a segment is cut only when more than `max_line` raw bytes (CR included) are
-//!   buffered without a LF, and then exactly the first `max_line` bytes go out;
-//! * a complete line is cut the same way (`emit_line` applies the same rule to
-//!   the whole line at once), so receiving it in one read or in a thousand gives
-//!   the same bytes.
-//!
-//! A line of exactly `max_line` content bytes followed by CR LF shows why the
-//! rule counts raw bytes: streamed, the buffered `content + CR` is `max_line + 1`
-//! bytes, so `content` goes out as a segment and the `CR LF` left over is an
-//! empty CRLF line (`\r\n`); whole, the same rule cuts the same segment. Either
-//! way the client receives `reverse(content) + "\r\n"`.
+//! This file is the algorithm in its plain form, to be read first; `fast.rs`
+//! holds the faster forms of its two byte-level operations, checked against
+//! it. `docs/protocol.md` has the rules, their edge cases and the reasons.
 
 use unicode_segmentation::UnicodeSegmentation;
 
