@@ -100,8 +100,9 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub access_log: Option<PathBuf>,
 
-    /// error, warn, info or debug [default: info, or debug with XPS_DEBUG=1 or
-    /// RUST_LOG=debug].
+    /// error, warn, info, debug, or trace (the event loop narrated, one line
+    /// per event, accept, read and write) [default: info, or debug with
+    /// XPS_DEBUG=1 or RUST_LOG=debug].
     #[arg(short = 'L', long, value_name = "LEVEL", value_parser = parse_level)]
     pub log_level: Option<Level>,
 

@@ -2,43 +2,18 @@
 //!
 //! * The shape is the C logger's, so logs read the same as the tutorial's:
 //!   `[INFO] main() : Server listening on port 8001`.
-//! * Colour only when stderr is a terminal, and never when `NO_COLOR` is set
-//!   (<https://no-color.org>).
-//! * DEBUG lines only with `XPS_DEBUG=1`, `--log-level debug`, or a `RUST_LOG`
-//!   that asks for debug; TRACE lines (the loop narrated for a learner) only
-//!   with `--log-level trace` or `RUST_LOG=trace`. Per-connection events are DEBUG, so a busy
-//!   server does not pay for formatting them: the level check is one relaxed
-//!   atomic load, done before any formatting (see the `xps_log!` macro).
-//! * With several workers, each line names its worker (`[worker 2]`), set per
-//!   thread by [`set_worker`].
+//! * Levels ERROR to DEBUG as in C, plus TRACE: the loop narrated for a
+//!   learner (`--log-level trace`). The level check is one relaxed atomic
+//!   load before any formatting (the `xps_log!` macro), and the writer is
+//!   cold, so a level that is off costs the hot paths nothing.
+//! * One `write` per line to the locked stderr: workers' lines never
+//!   interleave; with several workers each names its own ([`set_worker`]).
+//! * Text xps did not write (host names, key names, OS errors) is escaped
+//!   into the line as it is formatted, so no message can forge a line or
+//!   send the terminal a control sequence.
 //!
-//! Each line is formatted into one buffer and written with a single `write` to
-//! the locked stderr, so lines from different workers never interleave.
-//!
-//! # Nothing in a message can forge a line or drive the terminal
-//!
-//! Messages carry text xps did not write: host names and key names from a
-//! config file, OS error strings. A host like `"x\n[INFO] main() : Server
-//! listening on port 1"` would otherwise print a second, forged line, and an
-//! ESC in a key name would reach the terminal as a control sequence. So the
-//! message (and the source) are not copied into the line but *escaped into
-//! it* as they are formatted (`Escaped`); no call site can forget to do
-//! it, and there is no unescaped path:
-//!
-//! * LF, CR and TAB become `\n`, `\r` and `\t` (a backslash and a letter);
-//! * every other C0 control (0x00–0x1f) and DEL (0x7f) becomes `\xNN`, so ESC
-//!   is `\x1b`;
-//! * the C1 controls U+0080–U+009F (which some terminals obey as well, e.g.
-//!   U+009B as CSI) become `\u{NN}`.
-//!
-//! A backslash is left as it is: doubling it would make the escaping
-//! reversible, but would also double every backslash of the `{:?}`-quoted
-//! values many messages hold, and being unambiguous is not needed to be
-//! unforgeable (a literal `\n` in a host name reads as `\n`, and can never
-//! end the line). The colour codes and the terminator are added by the
-//! logger outside the message, so they are not escaped. A message with
-//! nothing to escape is copied as one `push_str`: no allocation beyond the
-//! line's own buffer, one byte scan.
+//! `docs/logging.md` has the levels, the sources, the trace and the
+//! escaping rules.
 
 use std::cell::Cell;
 use std::fmt;
@@ -181,8 +156,8 @@ fn format_line(level: Level, source: &str, args: fmt::Arguments<'_>, colour: boo
 }
 
 /// A [`fmt::Write`] into a log line that escapes control characters on the
-/// way in (see the module doc for the rules). Formatting a message through
-/// it hands every piece, literal or argument, to [`Escaped::write_str`].
+/// way in (`docs/logging.md` has the rules). Formatting a message through
+/// it hands every piece, literal or argument, to its `write_str`.
 struct Escaped<'a>(&'a mut String);
 
 impl fmt::Write for Escaped<'_> {
