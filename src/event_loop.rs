@@ -8,22 +8,11 @@
 //! | `xps_loop_detach()`   | [`LoopHandle::detach`]        |
 //! | `xps_loop_run()`      | [`EventLoop::run`]            |
 //!
-//! Two differences from the C loop, both on purpose:
-//!
-//! * **Tokens, not fds.** Each registration carries a [`Token`] that the owner
-//!   chose (the connection's slab key, or a listener's index), so dispatch is
-//!   an O(1) lookup instead of the tutorial's scan of the global `listeners`
-//!   and `connections` lists.
-//! * **Edge-triggered.** mio registers with `EPOLLET`: an event says "this
-//!   socket became ready", once. The handler must read (or write) until the
-//!   kernel says `WouldBlock` — or until a short read/write proves the buffer
-//!   drained — or it will never hear of that socket again. In exchange each
-//!   socket is registered once, for reading and writing, and never re-armed:
-//!   no `epoll_ctl` per event.
-//!
-//! The loop knows nothing about listeners or connections: it waits, hands each
-//! event to a [`Handler`], and asks the handler how long it may sleep next
-//! (timers) and whether to stop.
+//! The loop knows nothing about listeners or connections: it waits, hands
+//! each event to a [`Handler`], and asks it how long it may sleep next. Each
+//! registration carries a [`Token`] the owner chose (O(1) dispatch instead
+//! of the tutorial's scan of its lists), and mio registers edge-triggered:
+//! handlers read until `WouldBlock` (`docs/c-to-rust.md`, differences 1–2).
 
 use std::io;
 use std::time::Duration;

@@ -1,23 +1,17 @@
 //! Start-up and shutdown: the part of the tutorial's `main()` that is not
 //! argument parsing.
 //!
-//! 1. Open every listening socket of every worker
-//!    ([`listener::create_all`]), or adopt the sockets systemd passed. Any
-//!    failure stops here, before anything is served and before any
-//!    "listening" line: exit status 1 with one line naming the address.
-//! 2. Build one [`Core`] per worker, each on its own [`EventLoop`] with its
-//!    [`Features`]; then log one "listening" line per address.
-//! 3. Start the signal thread ([`signals::spawn`]). It runs until the
-//!    process exits, so a second signal exits at once also while the access
-//!    log's writer gets its last seconds (bounded by
-//!    `access_log::CLOSE_GRACE`).
-//! 4. Run the workers on threads and supervise them ([`supervise`]): if one
-//!    fails or panics, the others are stopped gracefully and the process
-//!    exits 1 with the reason — never a silent, half-alive server.
-//!
-//! SIGPIPE is ignored by the Rust runtime before `main` runs, and sockets
-//! are written with `send(MSG_NOSIGNAL)`, so a vanished client can never kill
-//! the process: its write fails with EPIPE and only its connection closes.
+//! Every listening socket of every worker is opened first
+//! ([`listener::create_all`], or systemd's sockets adopted): a failure stops
+//! here, exit status 1, before any "listening" line. Then one [`Core`] per
+//! worker, each on its own [`EventLoop`] with its [`Features`]; the
+//! "listening" lines; the signal thread ([`signals::spawn`]), which lives
+//! until the process exits so a second signal always exits at once; and the
+//! workers, on threads under [`supervise`]: if one fails or panics, the
+//! others stop gracefully and the process exits 1, never half alive.
+//! SIGPIPE is ignored (the Rust runtime) and sockets are written with
+//! `MSG_NOSIGNAL`, so a vanished client only ends its own connection.
+//! `docs/lifetime-of-a-connection.md` (start-up, shutdown) walks through it.
 
 use std::sync::Arc;
 use std::sync::mpsc;

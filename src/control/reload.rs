@@ -1,32 +1,16 @@
-//! SIGHUP: reload the CONFIG file, all or nothing (SPEC §5).
+//! SIGHUP: reload the CONFIG file, all or nothing (SPEC §5), as nginx's
+//! `kill -HUP` and HAProxy's seamless reload: the operator changes the file,
+//! sends SIGHUP, and no client notices.
 //!
-//! The anchors are nginx's `kill -HUP` and HAProxy's seamless reload: the
-//! operator changes the file, sends SIGHUP, and no client notices.
-//!
-//! 1. The command line given at start-up is merged with the file again by
-//!    [`Settings::from_cli`] — the one validation path that start-up and
-//!    `--check` use too — so options given on the command line still win.
-//! 2. The new listeners are resolved and compared with the running ones
-//!    ([`plan`]): a listener is the same listener when it resolves to the
-//!    same socket address. Those keep their sockets: nothing is closed and
-//!    re-bound, so no connection attempt to them is refused during a
-//!    reload, and what is not the address (the host's spelling, the PROXY
-//!    flag) changes in place. New ones are opened for every worker *before*
-//!    anything changes.
-//! 3. Only when everything that can fail has succeeded (the config parsed,
-//!    every new socket bound, a new access-log path opened) is the change
-//!    committed: each worker is sent its new sockets, the listeners to close
-//!    and to change, the limits and access rules for new connections
-//!    ([`Reconfigure`]),
-//!    and woken (the per-source limit and the buffer bound, shared by all
-//!    workers, change in place). Any
-//!    failure before that is logged and changes nothing.
-//!
-//! What a reload does not change is named in a warning and waits for a
-//! restart: the number of workers, the metrics address, and turning the
-//! access log on or off. Started without a CONFIG file, SIGHUP only reopens
-//! the access log; started with sockets from systemd (socket activation),
-//! the listeners are systemd's and a reload leaves them alone.
+//! The command line given at start-up is merged with the file again by
+//! [`Settings::from_cli`] (the validation start-up and `--check` use). A
+//! listener is the same listener when it resolves to the same socket
+//! address ([`plan`]): it keeps its sockets, so no connect is refused during
+//! a reload. Everything that can fail (parsing, binding new sockets, a new
+//! access-log path) happens first; only then is each worker sent its share
+//! ([`Reconfigure`], applied by `core/control.rs`) and woken. A failure
+//! changes nothing. `docs/operations.md` ("Reload: SIGHUP") says what changes
+//! when, and what waits for a restart.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,29 +1,17 @@
-//! systemd integration: readiness notification (`sd_notify`) and socket
-//! activation (`sd_listen_fds`), written against the documented protocols
-//! rather than libsystemd.
+//! systemd integration: readiness notification (`sd_notify(3)`) and socket
+//! activation (`sd_listen_fds(3)`), written against the documented
+//! protocols rather than libsystemd.
 //!
 //! Why by hand and not the `sd-notify` crate: that crate re-reads
-//! `NOTIFY_SOCKET` on every call and has no way to aim it at a socket of the
-//! caller's choosing, so tests would have to set the process environment,
-//! which is unsound while other test threads run. The protocol is one
-//! `sendto` of a text datagram, so a [`Notifier`] resolves the address once
-//! ([`Notifier::from_env`]) or from an explicit value ([`Notifier::to_path`]).
-//!
-//! * **Notify** (`sd_notify(3)`): newline-separated `KEY=VALUE` assignments
-//!   in one datagram to the `AF_UNIX` socket named by `NOTIFY_SOCKET` (a path,
-//!   or an abstract name when it starts with `@`). `NOTIFY_SOCKET` is read but
-//!   never unset: unsetting the environment is unsound once threads run, and
-//!   xps never forks, so no child could inherit it.
-//! * **A failing notify never stops the server**: the first failure is logged
-//!   at WARNING, later ones at DEBUG. State changes (`READY`, `RELOADING`,
-//!   `STOPPING`) wait at most [`STATE_SEND_WAIT`] if the manager's queue is
-//!   full (systemd drains it continuously, so in practice never); `STATUS`
-//!   alone never waits, so it may be sent from an event loop.
-//! * **Socket activation** (`sd_listen_fds(3)`): when `LISTEN_PID` is our pid,
-//!   fds `3 .. 3 + LISTEN_FDS` are ours. Each must be a listening TCP socket;
-//!   it is made non-blocking (mio needs it) and close-on-exec (systemd passes
-//!   them inheritable). The parsing is the pure [`parse_listen_env`]; the
-//!   per-fd check is [`adopt_listen_fd`].
+//! `NOTIFY_SOCKET` on every call and cannot aim at a socket of the caller's
+//! choosing, so tests would have to set the process environment, unsound
+//! while other test threads run. The protocol is one `sendto` of a text
+//! datagram, so a [`Notifier`] resolves the address once
+//! ([`Notifier::from_env`], [`Notifier::to_path`]). A failing notify never
+//! stops the server. Socket activation's parsing is the pure
+//! [`parse_listen_env`], the per-fd check [`adopt_listen_fd`]; every worker
+//! accepts from every passed socket ([`adopt_listeners`]).
+//! `docs/operations.md` ("systemd") has the messages and when each is sent.
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
