@@ -2,12 +2,14 @@
 //!
 //! Edge-triggered readiness is reported once, so a connection that stopped
 //! reading with data left must be remembered: one that spent its read
-//! budget (the others get their turn first) or resumed after a flow-control
-//! pause is driven again next turn ([`Queue::again`]); one the hooks' allowance
-//! stopped (`--max-buffered`) is driven again once the allowance grows
-//! ([`Queue::hold`]), looked at every [`HOLD_TICK`]. Each connection is in
-//! each queue at most once, so one that gets an edge every turn still reads
-//! one budget per turn and cannot make the others wait behind copies of it.
+//! budget or resumed after a flow-control pause is driven again once every
+//! other event of the wake-up had its pass ([`Queue::again`], step 2 of
+//! `after_events`; the loop does not sleep while one waits); one the hooks'
+//! allowance stopped (`--max-buffered`) is driven again once the allowance
+//! grows ([`Queue::hold`]), looked at every [`HOLD_TICK`]. Each connection
+//! is in each queue at most once, and its edges are ignored while queued,
+//! so one that gets an edge every turn still reads one budget per turn and
+//! cannot make the others wait behind copies of it.
 
 use std::time::{Duration, Instant};
 
@@ -62,7 +64,9 @@ impl Queue {
 }
 
 impl<H: Hooks> Core<H> {
-    /// Step 2: drives the connections queued by the last turn.
+    /// Step 2: drives the connections queued since the last step 2: by this
+    /// wake-up's events (after every other event had its pass), or by the
+    /// last step 2 itself.
     pub(super) fn run_again(&mut self) {
         let mut batch = std::mem::take(&mut self.queue.spare);
         std::mem::swap(&mut batch, &mut self.queue.again);

@@ -7,15 +7,13 @@
 //! | `xps_connection_read_handler()`  | [`Connection::read_handler`]  |
 //! | `xps_connection_write_handler()` (a later stage) | [`Connection::write_handler`] |
 //!
-//! Edge-triggered: an event says "became ready" once, so the read handler
-//! reads until the kernel says `WouldBlock` (or a short read proves it
-//! drained), and the write handler sends until the socket refuses. An idle
-//! connection owns no buffer: reads land in the loop's shared
-//! [`Scratch`], and only the unterminated line and unsent replies stay here.
-//! A client that sends without reading is paused at [`HIGH_WATER`] (flow
-//! control). This module knows nothing of time, metrics or admission: the
-//! worker (`core`) keeps the timers and asks the features.
-//! `docs/lifetime-of-a-connection.md` walks one connection through it.
+//! Edge-triggered: the read handler reads until `WouldBlock` (or a short
+//! read proves the socket drained); the write handler sends once and keeps
+//! what the socket refused for its next writable edge. An idle connection
+//! owns no buffer (reads land in the loop's shared [`Scratch`]), and a client
+//! that sends without reading is paused at [`HIGH_WATER`]. No time, metrics
+//! or admission here: the worker (`core`) keeps the timers and asks the
+//! features. `docs/lifetime-of-a-connection.md` walks one connection through.
 
 use std::io::{self, Read};
 
