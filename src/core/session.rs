@@ -30,7 +30,7 @@ pub struct Entry<H: Hooks> {
     pub timers: ConnTimers,
     /// Preface or served, and the hooks' state.
     pub session: Session<H>,
-    /// In the queue for the next turn (at most once).
+    /// In the queue to be driven again without an edge (at most once).
     pub queued: bool,
     /// In the queue of connections waiting for a larger allowance.
     pub held: bool,

@@ -133,7 +133,8 @@ pub enum Next {
     #[default]
     Wait,
     /// Data may remain unread (the read budget is spent, or reading resumed
-    /// after a flow-control pause): drive it again next turn.
+    /// after a flow-control pause): drive it again once the other ready
+    /// connections had their pass.
     Again,
     /// The caller's allowance stopped reading with data possibly left: drive
     /// it again when the caller allows more.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The per-connection share never falls below this while rationing: a
-/// connection holding less is always read (module docs, "The rule").
+/// connection holding less is always read (`docs/admission.md`, "The rule").
 pub const MIN_SHARE: usize = 64 * 1024;
 
 /// What one connection holds, as "The rule" asks it: its bytes in all, the
