@@ -1,15 +1,16 @@
-//! Fairness: the connections a worker drives again without a new edge.
+//! Fairness: the connections a worker drives again without a new edge, and
+//! the rule that each connection gets at most one pass per turn (one read
+//! budget, one allowance), however it became ready.
 //!
 //! Edge-triggered readiness is reported once, so a connection that stopped
 //! reading with data left must be remembered: one that spent its read
-//! budget or resumed after a flow-control pause is driven again once every
-//! other event of the wake-up had its pass ([`Queue::again`], step 2 of
-//! `after_events`; the loop does not sleep while one waits); one the hooks'
-//! allowance stopped (`--max-buffered`) is driven again once the allowance
-//! grows ([`Queue::hold`]), looked at every [`HOLD_TICK`]. Each connection
-//! is in each queue at most once, and its edges are ignored while queued,
-//! so one that gets an edge every turn still reads one budget per turn and
-//! cannot make the others wait behind copies of it.
+//! budget or resumed after a flow-control pause is queued for the next turn
+//! ([`Queue::again`]; the loop does not sleep while one waits), and its
+//! edges are ignored while it is queued; one the hooks' allowance stopped
+//! (`--max-buffered`) waits until the allowance grows ([`Queue::hold`]),
+//! looked at every [`HOLD_TICK`], and is not retried in a turn that already
+//! drove it. So a connection that gets an edge every turn still reads one
+//! budget per turn and cannot make the others wait behind copies of it.
 
 use std::time::{Duration, Instant};
 
@@ -25,10 +26,10 @@ pub const HOLD_TICK: Duration = Duration::from_millis(10);
 /// new connection is not mistaken for the old one.
 #[derive(Debug, Default)]
 pub struct Queue {
-    /// Driven again next turn.
+    /// Queued in this turn, to be driven in the next.
     again: Vec<(usize, u64)>,
-    /// The other half of `again`'s double buffer (no allocation per turn).
-    spare: Vec<(usize, u64)>,
+    /// Queued in the last turn, driven in this one (step 2).
+    due: Vec<(usize, u64)>,
     /// Waiting for a larger allowance.
     held: Vec<(usize, u64)>,
 }
@@ -50,6 +51,12 @@ impl Queue {
         }
     }
 
+    /// A new turn: what was queued in the last one is due now.
+    pub fn turn(&mut self) {
+        debug_assert!(self.due.is_empty());
+        std::mem::swap(&mut self.again, &mut self.due);
+    }
+
     /// When the loop must wake for these queues: now, if work waits for the
     /// next turn; soon, if connections wait for their allowance.
     pub fn wake(&self, now: Instant) -> Option<Instant> {
@@ -64,12 +71,10 @@ impl Queue {
 }
 
 impl<H: Hooks> Core<H> {
-    /// Step 2: drives the connections queued since the last step 2: by this
-    /// wake-up's events (after every other event had its pass), or by the
-    /// last step 2 itself.
+    /// Step 2: drives the connections queued in the last turn (their edges
+    /// in this one were ignored, so this is their one pass of the turn).
     pub(super) fn run_again(&mut self) {
-        let mut batch = std::mem::take(&mut self.queue.spare);
-        std::mem::swap(&mut batch, &mut self.queue.again);
+        let mut batch = std::mem::take(&mut self.queue.due);
         for &(key, id) in &batch {
             if let Some(entry) = self.connections.get_mut(key)
                 && entry.conn.id == id
@@ -79,7 +84,7 @@ impl<H: Hooks> Core<H> {
             }
         }
         batch.clear();
-        self.queue.spare = batch;
+        self.queue.due = batch; // its capacity, for the next turn
     }
 
     /// Step 3: drives the connections waiting for a larger allowance, once
@@ -95,13 +100,15 @@ impl<H: Hooks> Core<H> {
             let Session::Serving(state) = &entry.session else {
                 continue;
             };
-            if self.hooks.allowance(state, &entry.conn) == 0 {
-                self.queue.held.push((key, id)); // not yet
+            // Driven already in this turn (an edge), or not allowed yet:
+            // look again later.
+            if entry.turn == self.turn || self.hooks.allowance(state, &entry.conn) == 0 {
+                self.queue.held.push((key, id));
                 continue;
             }
             entry.held = false;
             if !entry.queued {
-                self.drive(key); // a pass stopped again queues it again
+                self.drive(key); // a pass stopped again holds it again
             }
         }
     }

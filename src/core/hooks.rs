@@ -64,6 +64,30 @@ pub enum PrefaceEnd {
     Shutdown,
 }
 
+impl From<CloseReason> for PrefaceEnd {
+    /// A close during the preface: the deadline (kept as its idle one), a
+    /// shutdown, or the socket.
+    fn from(reason: CloseReason) -> PrefaceEnd {
+        match reason {
+            CloseReason::IdleTimeout { .. } => PrefaceEnd::Timeout,
+            CloseReason::Shutdown => PrefaceEnd::Shutdown,
+            other => PrefaceEnd::Failed(other),
+        }
+    }
+}
+
+impl std::fmt::Display for PrefaceEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefaceEnd::Bad => f.write_str("its preface can never be valid"),
+            PrefaceEnd::Closed => f.write_str("peer closed before its preface was complete"),
+            PrefaceEnd::Timeout => f.write_str("preface not complete in time"),
+            PrefaceEnd::Failed(reason) => reason.fmt(f),
+            PrefaceEnd::Shutdown => f.write_str("server shutting down"),
+        }
+    }
+}
+
 /// The points where features plug in. Every method but the accept and
 /// preface ones has a default that does nothing.
 pub trait Hooks {

@@ -42,7 +42,7 @@ use crate::xps_log;
 
 pub use control::{Control, Reconfigure};
 use fairness::Queue;
-pub use hooks::{Hooks, Verdict};
+pub use hooks::{Hooks, PrefaceEnd, Verdict};
 use session::{Entry, Session};
 use timers::{Clock, ConnTimers, Expiry, TimeoutSecs, Timers};
 
@@ -141,6 +141,8 @@ pub struct Core<H: Hooks> {
     next_id: u64,
     /// The time of the current wake-up.
     clock: Clock,
+    /// Wake-ups so far (wrapping): a connection's pass is stamped with it.
+    turn: u32,
     /// The deadline heap and its timerfd.
     timers: Timers,
     /// Connections to drive again: next turn, or when allowed to read.
@@ -178,6 +180,7 @@ impl<H: Hooks> Core<H> {
             shared,
             next_id: 0,
             clock: Clock::start(),
+            turn: 0,
             timers,
             queue: Queue::default(),
             shutdown: None,
@@ -292,10 +295,19 @@ impl<H: Hooks> Core<H> {
                         "cannot watch the connection from {peer}: {e}"
                     );
                     let reason = CloseReason::Failed(e);
-                    return self.session_ended(session, reason);
+                    return match session {
+                        Session::Serving(state) => {
+                            self.hooks.on_close(state, &reason, self.clock.now)
+                        }
+                        Session::Preface(mut state) => self.hooks.preface_failed(
+                            &mut state,
+                            PrefaceEnd::Failed(reason),
+                            self.clock.now,
+                        ),
+                    };
                 }
             };
-        trace_accept(id, peer, on, "accepted");
+        trace_accept(id, peer, on, "created");
         xps_log!(
             Level::Debug,
             "xps_connection_create()",
@@ -311,24 +323,42 @@ impl<H: Hooks> Core<H> {
             session,
             queued: false,
             held: false,
+            turn: self.turn.wrapping_sub(1),
         });
     }
 
-    /// `xps_connection_destroy()`'s caller: removes the connection, tells
-    /// the hooks, and lets paused listeners accept again.
+    /// `xps_connection_destroy()`'s caller: removes the connection and tells
+    /// the hooks how it ended.
     fn connection_destroy(&mut self, key: usize, reason: CloseReason) {
-        let entry = self.connections.remove(key);
-        xps_log!(
-            Level::Trace,
-            "xps_connection_destroy()",
-            "#{}: closed: {}",
-            entry.conn.id,
-            reason
-        );
-        let Entry { conn, session, .. } = entry;
+        let Entry { conn, session, .. } = self.remove(key);
+        match session {
+            Session::Serving(state) => {
+                trace_close(conn.id, &reason);
+                // Counted before the socket closes: a client that sees the
+                // close finds it counted.
+                self.hooks.on_close(state, &reason, self.clock.now);
+                conn.destroy(&reason);
+            }
+            Session::Preface(mut state) => {
+                self.preface_ended(conn, &mut state, PrefaceEnd::from(reason))
+            }
+        }
+    }
+
+    /// A connection's preface ended without completing: the hooks count
+    /// and log it as they must (a refusal, mostly).
+    fn preface_ended(&mut self, conn: Connection, state: &mut H::Preface, why: PrefaceEnd) {
+        trace_close(conn.id, &why);
+        let reason = why.to_string();
+        self.hooks.preface_failed(state, why, self.clock.now);
         conn.destroy(&reason);
-        self.session_ended(session, reason);
-        // A freed descriptor or slot may let a paused listener accept again.
+    }
+
+    /// Takes a connection out of the slab, whatever ends it: a freed
+    /// descriptor or slot may let a paused listener accept again, and the
+    /// timer heap is kept within twice the live connections.
+    fn remove(&mut self, key: usize) -> Entry<H> {
+        let entry = self.connections.remove(key);
         for (_, ls) in &mut self.listeners {
             ls.listener.paused_until = None;
         }
@@ -337,22 +367,7 @@ impl<H: Hooks> Core<H> {
             .iter()
             .filter_map(|(k, e)| e.timers.in_heap().map(|t| (t, k)));
         self.timers.compact(self.connections.len(), live);
-    }
-
-    /// Tells the hooks how a connection ended, whatever its session.
-    #[inline]
-    fn session_ended(&mut self, session: Session<H>, reason: CloseReason) {
-        match session {
-            Session::Serving(state) => self.hooks.on_close(state, &reason, self.clock.now),
-            Session::Preface(mut state) => {
-                let why = match reason {
-                    CloseReason::Shutdown => hooks::PrefaceEnd::Shutdown,
-                    CloseReason::IdleTimeout { .. } => hooks::PrefaceEnd::Timeout,
-                    other => hooks::PrefaceEnd::Failed(other),
-                };
-                self.hooks.preface_failed(&mut state, why, self.clock.now);
-            }
-        }
+        entry
     }
 
     /// A connection had an event: drive it, unless it is queued for this
@@ -370,6 +385,7 @@ impl<H: Hooks> Core<H> {
     /// handlers within what the hooks allow; then its timers and queues.
     fn drive(&mut self, key: usize) {
         let entry = &mut self.connections[key];
+        entry.turn = self.turn;
         let Session::Serving(state) = &mut entry.session else {
             return self.drive_preface(key);
         };
@@ -472,6 +488,8 @@ impl<H: Hooks> Core<H> {
 impl<H: Hooks> Handler for Core<H> {
     fn woke(&mut self) {
         self.clock.tick();
+        self.turn = self.turn.wrapping_add(1);
+        self.queue.turn();
         self.hooks.woke(self.clock.now, self.connections.len());
     }
 
@@ -558,12 +576,21 @@ fn event_flags(event: &Event) -> String {
     .join("|")
 }
 
-/// The trace line of one accept.
+/// The trace line of a new connection: created, or refused by the hooks.
 fn trace_accept(id: u64, peer: std::net::SocketAddr, on: std::net::SocketAddr, what: &str) {
     xps_log!(
         Level::Trace,
-        "xps_listener_connection_handler()",
-        "#{id}: {what} from {peer} on {on}"
+        "xps_connection_create()",
+        "#{id}: {what}, from {peer} on {on}"
+    );
+}
+
+/// The trace line of a connection's end.
+fn trace_close(id: u64, why: &dyn std::fmt::Display) {
+    xps_log!(
+        Level::Trace,
+        "xps_connection_destroy()",
+        "#{id}: closed: {why}"
     );
 }
 

@@ -13,6 +13,8 @@ use crate::core::Core;
 use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep};
 use crate::core::timers::{ConnTimers, TimeoutSecs};
 use crate::network::connection::{Connection, Pass, RawRead};
+use crate::utils::logger::Level;
+use crate::xps_log;
 
 /// What the hooks keep for a connection, by where it is.
 pub enum Session<H: Hooks> {
@@ -34,6 +36,8 @@ pub struct Entry<H: Hooks> {
     pub queued: bool,
     /// In the queue of connections waiting for a larger allowance.
     pub held: bool,
+    /// The turn of its last pass (wrapping): at most one pass per turn.
+    pub turn: u32,
 }
 
 impl<H: Hooks> Core<H> {
@@ -59,11 +63,10 @@ impl<H: Hooks> Core<H> {
                 },
             }
         };
-        let Entry { conn, session, .. } = self.connections.remove(key);
+        let Entry { conn, session, .. } = self.remove(key);
         if let Session::Preface(mut preface) = session {
-            self.hooks.preface_failed(&mut preface, end, self.clock.now);
+            self.preface_ended(conn, &mut preface, end); // closed unanswered
         }
-        drop(conn); // closed unanswered; the hooks counted it as refused
     }
 
     /// The preface is complete: the hooks admit the client or refuse it; an
@@ -75,7 +78,16 @@ impl<H: Hooks> Core<H> {
             return;
         };
         let Some(state) = self.hooks.preface_done(preface, self.clock.now) else {
-            drop(self.connections.remove(key)); // refused: the hooks counted it
+            // Refused once the client was known: the hooks counted it.
+            let Entry { conn, .. } = self.remove(key);
+            let why = "refused after its preface";
+            xps_log!(
+                Level::Trace,
+                "xps_connection_destroy()",
+                "#{}: closed: {why}",
+                conn.id
+            );
+            conn.destroy(&why);
             return;
         };
         entry.session = Session::Serving(state);

@@ -217,7 +217,7 @@ impl Connection {
 
     /// `xps_connection_destroy()`: dropping the socket closes it (which also
     /// detaches it from epoll) and gives its slot back.
-    pub fn destroy(self, reason: &CloseReason) {
+    pub fn destroy(self, reason: &dyn std::fmt::Display) {
         xps_log!(
             Level::Debug,
             "xps_connection_destroy()",
@@ -404,7 +404,11 @@ impl Connection {
     /// the next writable edge.
     #[inline(always)]
     fn send(&mut self, data: &[u8]) -> Result<usize, CloseReason> {
-        if data.is_empty() || !self.ready.writable {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if !self.ready.writable {
+            trace_write_waits(self.id, data.len());
             return Ok(0);
         }
         let n = sock::write_once(&mut self.stream, data)?;
@@ -436,6 +440,12 @@ impl Connection {
             return match self.stream.read(buf) {
                 Ok(0) => RawRead::Closed,
                 Ok(n) => {
+                    xps_log!(
+                        Level::Trace,
+                        READ,
+                        "#{}: read {n} byte(s) of a preface",
+                        self.id
+                    );
                     if n < buf.len() && !self.ready.read_past_short {
                         self.ready.readable = false;
                     }
@@ -607,6 +617,15 @@ fn trace_read(id: u64, n: usize, lines: usize) {
         Level::Trace,
         READ,
         "#{id}: read {n} byte(s), {lines} line(s) answered"
+    );
+}
+
+/// The trace line of replies that wait: the socket refused bytes before.
+fn trace_write_waits(id: u64, n: usize) {
+    xps_log!(
+        Level::Trace,
+        "xps_connection_write_handler()",
+        "#{id}: {n} byte(s) of replies wait for the next writable edge"
     );
 }
 

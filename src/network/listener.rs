@@ -285,7 +285,15 @@ impl Listener {
                 return Backlog::Left; // at the cap: clients wait in the backlog
             };
             match self.socket.accept() {
-                Ok((stream, peer)) => out.push(Accept::Connection(stream, peer, slot)),
+                Ok((stream, peer)) => {
+                    xps_log!(
+                        Level::Trace,
+                        "xps_listener_connection_handler()",
+                        "{}: accept: a connection from {peer}",
+                        self.bound
+                    );
+                    out.push(Accept::Connection(stream, peer, slot))
+                }
                 Err(e) => match classify_accept_error(&e) {
                     AcceptVerdict::Drained => {
                         xps_log!(
