@@ -11,7 +11,7 @@
 //! The core is generic over its [`Hooks`]: the features (metrics, access log,
 //! admission, the memory bound, PROXY headers) answer there, and `Core<()>`
 //! is the tutorial's server with none of them. Its parts: [`timers`] (every
-//! deadline), [`fairness`] (connections driven again next turn, or when
+//! deadline), [`fairness`] (one pass per connection per turn; connections driven again next turn, or when
 //! their allowance grows), [`drain`] (graceful shutdown), [`session`] (a
 //! connection's preface), [`control`] (messages from the reload thread).
 
