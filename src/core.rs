@@ -859,10 +859,14 @@ impl Core {
         let entry = &mut self.connections[key];
         let step = entry.conn.read_header(&mut self.scratch);
         match step {
-            HeaderStep::Waiting => {
+            HeaderStep::Waiting | HeaderStep::More => {
                 let held = entry.conn.held();
                 self.held = self.held - entry.held as usize + held;
                 entry.held = held.min(u32::MAX as usize) as u32;
+                if matches!(step, HeaderStep::More) && !entry.conn.queued {
+                    entry.conn.queued = true;
+                    self.deferred.push((key, entry.conn.id));
+                }
                 false
             }
             HeaderStep::Failed(reason) => {

@@ -37,7 +37,9 @@
 //!    than asked proves the kernel buffer is empty, so the `WouldBlock` call
 //!    would be a wasted syscall — unless the peer's FIN or urgent data was
 //!    announced, in which case read on: a read stops short at the FIN and at
-//!    the urgent mark with data still queued), or at the read budget (the core
+//!    the urgent mark with data still queued, and a read *at* the mark can
+//!    even return `WouldBlock` with data queued, so that one is checked with
+//!    `FIONREAD`), or at the read budget (the core
 //!    drives this connection again next turn, after the others), or when the
 //!    pending replies reach the high-water mark (flow control), or at the
 //!    global buffer budget's allowance (`--max-buffered`: [`Flow::Rationed`]
@@ -84,6 +86,10 @@ pub const IDLE_BYTES_BOUND: usize = 256;
 /// How long a connection on a PROXY listener may take to send its header
 /// (SPEC §6).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reads retried in one pass after a `WouldBlock` that left bytes queued
+/// (see [`spurious_would_block`]); then the core drives the
+/// connection again next turn, so nothing can spin.
+const SPURIOUS_RETRIES: u32 = 4;
 
 /// Buffers shared by every connection of one event loop.
 pub struct Scratch {
@@ -207,6 +213,9 @@ impl fmt::Display for RefuseReason {
 pub enum HeaderStep {
     /// Not complete yet: wait for the next readable edge (or the deadline).
     Waiting,
+    /// Not complete yet, and bytes may remain unread (a spurious
+    /// `WouldBlock` persisted): drive again next turn.
+    More,
     /// Complete: `scratch.read[rest]` are the client's first bytes, to be
     /// passed to [`Connection::begin_serving`] once admitted.
     Done {
@@ -322,7 +331,9 @@ pub struct Readiness {
     writable: bool,
     /// epoll reported the peer's FIN (EPOLLRDHUP) or urgent data (EPOLLPRI):
     /// a read can stop short with data or the EOF still queued, so read on
-    /// to `WouldBlock` instead of trusting a short read.
+    /// to `WouldBlock` instead of trusting a short read — and confirm that
+    /// `WouldBlock` with `FIONREAD` (see
+    /// [`spurious_would_block`]).
     read_past_short: bool,
 }
 
@@ -508,6 +519,7 @@ impl Connection {
         if !self.ready.readable {
             return HeaderStep::Waiting;
         }
+        let mut retries = 0;
         loop {
             match self.stream.read(&mut scratch.read) {
                 Ok(0) => return refuse(HeaderFailure::Closed),
@@ -530,6 +542,13 @@ impl Connection {
                     Err(e) => return refuse(HeaderFailure::Malformed(e)),
                 },
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if spurious_would_block(&self.ready, &self.stream) {
+                        retries += 1;
+                        if retries <= SPURIOUS_RETRIES {
+                            continue;
+                        }
+                        return HeaderStep::More;
+                    }
                     self.ready.readable = false;
                     self.ready.read_past_short = false;
                     return HeaderStep::Waiting;
@@ -782,6 +801,7 @@ impl Connection {
     ) -> Result<(bool, bool, usize), CloseReason> {
         let mut total = 0usize;
         let mut rationed = false;
+        let mut retries = 0;
         let result = loop {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
                 self.pause(now);
@@ -835,6 +855,13 @@ impl Connection {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if spurious_would_block(&self.ready, &self.stream) {
+                        retries += 1;
+                        if retries <= SPURIOUS_RETRIES {
+                            continue;
+                        }
+                        break Ok(true); // still readable: next turn
+                    }
                     self.ready.readable = false;
                     self.ready.read_past_short = false;
                     break Ok(false);
@@ -960,6 +987,20 @@ impl Connection {
         }
         Ok(n)
     }
+}
+
+/// Whether a `WouldBlock` from `recv()` lied: bytes are still queued.
+/// Linux's `tcp_recvmsg` returns `EAGAIN` at the urgent mark, nothing read,
+/// whenever a signal is pending on the thread (SIGSTOP/SIGCONT from a
+/// shell, a debugger attaching …); taken for "drained", the bytes from the
+/// mark on would wait for an edge that never comes. The signal is taken as
+/// the call returns, so a retry reads them. A read can start at the mark
+/// only after urgent data was announced: epoll reports EPOLLPRI in every
+/// event while urgent data is unread, and `read_past_short` stays set until
+/// a `WouldBlock` is confirmed here. So the common path (no urgent data)
+/// trusts `WouldBlock` without asking `FIONREAD`.
+fn spurious_would_block(ready: &Readiness, stream: &TcpStream) -> bool {
+    ready.read_past_short && unread_bytes(stream) > 0
 }
 
 /// Bytes waiting in the socket's receive queue (`ioctl(FIONREAD)`).
