@@ -289,29 +289,175 @@ fn no_listening_line_is_logged_when_a_later_listener_fails() {
     }
 }
 
-// Defect 6 ───────────────────────────────────────────────────────────────────
+// Defect 6 (and issue 13, defect 5) ──────────────────────────────────────────
+
+/// The thread id of the server's only worker, `xps-worker-0` (spawned just
+/// after the listening lines are logged).
+fn worker_tid(pid: u32) -> i32 {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let task = task.unwrap();
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "xps-worker-0" {
+                return task.file_name().to_str().unwrap().parse().unwrap();
+            }
+        }
+        assert!(Instant::now() < until, "no xps-worker-0 thread");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGSTOP to the server, then waits until its worker is stopped: what is
+/// sent now is all queued when it reads again.
+fn stop_server(server: &Server, tid: i32) {
+    server.signal(libc::SIGSTOP);
+    let stat = format!("/proc/{}/task/{tid}/stat", server.pid());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = std::fs::read_to_string(&stat).unwrap();
+        // The state follows the command name in parentheses.
+        if s.rsplit(')').next().unwrap().trim_start().starts_with('T') {
+            return;
+        }
+        assert!(Instant::now() < until, "the server did not stop");
+    }
+}
+
+/// Puts the server on one CPU and the calling thread on another, when two
+/// are allowed: the worker then runs while this thread times its signal
+/// (sharing one CPU, it would rarely be running when the signal comes).
+/// The thread gets its CPUs back when the guard is dropped.
+fn pin_apart(pid: u32) -> CpusBack {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is plain data; the calls only read and write it.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut allowed) != 0 {
+            return CpusBack(None);
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .take(2)
+            .collect();
+        let &[server_cpu, client_cpu] = cpus.as_slice() else {
+            return CpusBack(None);
+        };
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(server_cpu, &mut set);
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid: i32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
+            libc::sched_setaffinity(tid, size, &set);
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(client_cpu, &mut set);
+        libc::sched_setaffinity(0, size, &set);
+        CpusBack(Some(allowed))
+    }
+}
+
+/// Gives the calling thread back the CPUs [`pin_apart`] took from it.
+struct CpusBack(Option<libc::cpu_set_t>);
+
+impl Drop for CpusBack {
+    fn drop(&mut self) {
+        if let Some(allowed) = &self.0 {
+            // SAFETY: a valid cpu_set_t of the size given.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), allowed) };
+        }
+    }
+}
+
+fn spin(d: Duration) {
+    let until = Instant::now() + d;
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// `rounds` rounds on `conns` connections at once. Each sends, while the
+/// server is stopped, 65 533 empty lines, `abc`, `!` with MSG_OOB and
+/// `def\n`: the server's read before the urgent mark is one whole 64 KiB
+/// READ_CHUNK, and answering its empty lines takes a few hundred µs, right
+/// before the read at the mark. The server runs again and, a random 5-600 µs
+/// later, its worker thread gets a SIGSTOP (then SIGCONT): often while it
+/// answers that chunk, so a signal is pending at the next read. Every reply
+/// must come back, exact.
+fn urgent_rounds(server: &Server, tid: i32, conns: usize, rounds: usize) {
+    let mut prefix = vec![b'\n'; 65536 - 3];
+    prefix.extend_from_slice(b"abc");
+    let mut input = prefix.clone();
+    input.extend_from_slice(b"!def\n");
+    let want = expected(&input, xps::protocol::DEFAULT_MAX_LINE);
+    let mut cs: Vec<TcpStream> = (0..conns).map(|_| connect(server.port())).collect();
+    for c in &mut cs {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Never block for good on a stopped server.
+        c.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"warm\n").unwrap();
+        assert_eq!(read_exact_n(c, 5), b"mraw\n");
+    }
+    let mut seed = Instant::now().elapsed().as_nanos() as u64 | 1;
+    let mut got = vec![0u8; want.len()];
+    for round in 0..rounds {
+        stop_server(server, tid);
+        for c in &mut cs {
+            c.write_all(&prefix).unwrap();
+            let n = unsafe { libc::send(c.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
+            assert_eq!(n, 1, "send(MSG_OOB)");
+            c.write_all(b"def\n").unwrap();
+        }
+        server.signal(libc::SIGCONT);
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        spin(Duration::from_micros(5 + seed % 596));
+        // To the worker itself: a signal pending on the thread that reads.
+        unsafe { libc::syscall(libc::SYS_tgkill, server.pid(), tid, libc::SIGSTOP) };
+        spin(Duration::from_micros(20));
+        server.signal(libc::SIGCONT);
+        for (i, c) in cs.iter_mut().enumerate() {
+            if let Err(e) = c.read_exact(&mut got) {
+                let queued = server_rx_queue(server.port(), c.local_addr().unwrap().port());
+                panic!(
+                    "round {round}, connection {i} of {conns}: no whole reply ({e}); \
+                     bytes unread in the server's receive queue: {queued:?}"
+                );
+            }
+            assert!(got == want, "round {round}, connection {i}: wrong reply");
+        }
+    }
+}
 
 #[test]
 fn urgent_data_is_answered_in_order_and_never_stalls() {
-    // `abc`, one byte with MSG_OOB, then `def\n`, all waiting when the server
-    // reads: recv() stops short at the urgent mark, and the short read was
-    // taken for "drained", so the connection stalled with no reply.
+    // Urgent data (SO_OOBINLINE: `!` stays in the stream) stalled a
+    // connection two ways. 1: `abc`, `!` with MSG_OOB and `def\n`, all
+    // waiting when the server reads: recv() stops short at the urgent mark,
+    // and the short read was taken for "drained". 2: a recv() that starts at
+    // the mark returns EAGAIN, nothing read, while a signal is pending on
+    // the thread (Linux tcp_recvmsg; here SIGSTOP), and that was taken for
+    // "drained" too: `!def\n` stayed unread with no edge to come. The
+    // second is a race: 1000 rounds on one connection, 300 on four at once.
     let server = Server::start_n(1, &[]);
+    let tid = worker_tid(server.pid());
+    let _cpus = pin_apart(server.pid());
     let mut c = connect(server.port());
     c.write_all(b"warm\n").unwrap();
     assert_eq!(read_exact_n(&mut c, 5), b"mraw\n");
-    server.signal(libc::SIGSTOP); // everything below arrives before it reads
+    stop_server(&server, tid);
     c.write_all(b"abc").unwrap();
     let n = unsafe { libc::send(c.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) };
     assert_eq!(n, 1, "send(MSG_OOB)");
     c.write_all(b"def\n").unwrap();
-    thread::sleep(Duration::from_millis(100));
     server.signal(libc::SIGCONT);
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut reply = [0u8; 8];
     c.read_exact(&mut reply)
         .expect("no reply: the connection stalled at the urgent mark");
     assert_eq!(&reply, b"fed!cba\n");
+    urgent_rounds(&server, tid, 1, 1000);
+    urgent_rounds(&server, tid, 4, 300);
     // And the connection goes on as usual.
     c.write_all(b"xyz\n").unwrap();
     assert_eq!(read_exact_n(&mut c, 4), b"zyx\n");

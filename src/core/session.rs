@@ -51,6 +51,7 @@ impl<H: Hooks> Core<H> {
         let end = loop {
             match entry.conn.read_raw(&mut self.scratch.read) {
                 RawRead::Drained => return,
+                RawRead::Again => return self.queue.again(key, entry),
                 RawRead::Closed => break PrefaceEnd::Closed,
                 RawRead::Failed(reason) => break PrefaceEnd::Failed(reason),
                 RawRead::Data(n) => match self.hooks.preface_feed(preface, &self.scratch.read[..n])

@@ -38,6 +38,10 @@ pub const READ_BUDGET: usize = 256 * 1024;
 pub const READ_CHUNK: usize = 64 * 1024;
 /// A drained `pending` buffer larger than this is freed, not kept.
 const KEEP_CAPACITY: usize = 64 * 1024;
+/// Reads retried in one pass after a `WouldBlock` that left bytes queued
+/// ([`spurious_would_block`]); then the connection is driven again next
+/// turn, so nothing can spin.
+const SPURIOUS_RETRIES: u32 = 4;
 
 /// Buffers shared by every connection of one event loop.
 pub struct Scratch {
@@ -150,6 +154,9 @@ pub enum RawRead {
     Data(usize),
     /// Nothing more to read until the next readable edge.
     Drained,
+    /// Bytes are queued but the kernel would not give them yet (see
+    /// [`spurious_would_block`]): read again next turn.
+    Again,
     /// The client closed its side.
     Closed,
     /// The socket failed.
@@ -288,6 +295,7 @@ impl Connection {
     /// is spent.
     #[inline(always)]
     pub fn read_handler(&mut self, scratch: &mut Scratch, allowance: usize, pass: &mut Pass) {
+        let mut retries = 0;
         loop {
             if self.pending_len() + scratch.out.len() >= HIGH_WATER {
                 self.flow = Flow::Paused;
@@ -335,6 +343,14 @@ impl Connection {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if spurious_would_block(self.ready.read_past_short, &self.stream) {
+                        retries += 1;
+                        if retries <= SPURIOUS_RETRIES {
+                            continue;
+                        }
+                        pass.next = Next::Again; // still readable: next turn
+                        return;
+                    }
                     trace(READ, self.id, "read: WouldBlock");
                     self.ready.readable = false;
                     self.ready.read_past_short = false;
@@ -436,6 +452,7 @@ impl Connection {
         if !self.ready.readable {
             return RawRead::Drained;
         }
+        let mut retries = 0;
         loop {
             return match self.stream.read(buf) {
                 Ok(0) => RawRead::Closed,
@@ -452,6 +469,13 @@ impl Connection {
                     RawRead::Data(n)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if spurious_would_block(self.ready.read_past_short, &self.stream) {
+                        retries += 1;
+                        if retries <= SPURIOUS_RETRIES {
+                            continue;
+                        }
+                        return RawRead::Again;
+                    }
                     self.ready.readable = false;
                     self.ready.read_past_short = false;
                     RawRead::Drained
@@ -600,6 +624,20 @@ impl Connection {
     pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
         self.stream.peer_addr()
     }
+}
+
+/// Whether a `WouldBlock` from `recv()` lied: bytes are still queued.
+/// Linux's `tcp_recvmsg` returns `EAGAIN` at the urgent mark, nothing read,
+/// whenever a signal is pending on the thread (SIGSTOP from a shell, a
+/// debugger attaching …); taken for "drained", the bytes from the mark on
+/// would wait for an edge that never comes. The signal is taken as the call
+/// returns, so a retry reads them. A read can start at the mark only after
+/// urgent data was announced: epoll reports EPOLLPRI in every event while
+/// urgent data is unread, and `read_past_short` stays set until a
+/// `WouldBlock` is confirmed here. So the common path (no urgent data)
+/// trusts `WouldBlock` without asking `FIONREAD`.
+fn spurious_would_block(read_past_short: bool, stream: &TcpStream) -> bool {
+    read_past_short && sock::unread_bytes(stream) > 0
 }
 
 /// A trace line about connection `id` from `source` (`--log-level trace`:
