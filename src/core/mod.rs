@@ -357,6 +357,7 @@ impl<H: Hooks> Core<H> {
     /// Takes a connection out of the slab, whatever ends it: a freed
     /// descriptor or slot may let a paused listener accept again, and the
     /// timer heap is kept within twice the live connections.
+    #[inline]
     fn remove(&mut self, key: usize) -> Entry<H> {
         let entry = self.connections.remove(key);
         for (_, ls) in &mut self.listeners {

@@ -102,6 +102,7 @@ pub fn classify(e: io::Error) -> CloseReason {
 /// One `send()` of `data` (retried on EINTR). Returns the bytes the socket
 /// took; fewer than `data.len()` (or 0 for `WouldBlock`) means its buffer
 /// is full and the next writable edge will say when to go on.
+#[inline]
 pub fn write_once(stream: &mut TcpStream, data: &[u8]) -> Result<usize, CloseReason> {
     loop {
         match stream.write(data) {
