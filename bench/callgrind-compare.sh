@@ -28,36 +28,13 @@ mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "callgrind-compare.sh: valgrind is required" >&2; exit 1; }
 [ -x "$BENCH" ] || { echo "callgrind-compare.sh: build $BENCH first" >&2; exit 1; }
 
+. bench/callgrind-run.sh
+
 # run NAME BINARY MODE SECONDS REP: appends "name mode rep Ir ops" to runs.txt.
 run() {
-    local name=$1 bin=$2 mode=$3 secs=$4 tag="$1.$3.$5"
-    rm -f "$OUT/cg.$tag.out"
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$tag.out" \
-        --log-file="$OUT/vg.$tag.log" \
-        "$bin" --listen 127.0.0.1:0 "${EXTRA[@]}" 2>"$OUT/err.$tag.log" &
-    local pid=$! port=""
-    for _ in $(seq 1 300); do
-        port=$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$OUT/err.$tag.log" 2>/dev/null | head -n1 || true)
-        [ -n "$port" ] && break
-        sleep 0.1
-    done
-    [ -n "$port" ] || { kill -TERM "$pid"; echo "no port for $tag" >&2; exit 1; }
-    local args=(--conns 16 --size 64) key=connections ops=1
-    [ "$mode" = lines ] && { args=(--conns 64 --pipeline 16 --size 64); key=lines; }
-    if [ "$mode" = idle ]; then
-        sleep "$secs"
-    else
-        "$BENCH" "$mode" --addr "127.0.0.1:$port" "${args[@]}" --duration "$secs" --warmup 0 \
-            >"$OUT/bench.$tag.json"
-        ops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
-            "$OUT/bench.$tag.json" "$key")
-    fi
-    kill -TERM "$pid"
-    wait "$pid" || true
-    local ir
-    ir=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
-    [ -n "$ir" ] || ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
-    echo "$name $mode $5 $ir $ops" | tee -a "$OUT/runs.txt" >&2
+    local result
+    result=$(cg_run "$1.$3.$5" "$2" "$3" "$4" "${EXTRA[@]}")
+    echo "$1 $3 $5 $result" | tee -a "$OUT/runs.txt" >&2
 }
 
 : >"$OUT/runs.txt"

@@ -32,6 +32,8 @@ BENCH=target/release/xps-bench
 mkdir -p "$OUT"
 command -v valgrind >/dev/null || { echo "callgrind-observe.sh: valgrind is required" >&2; exit 1; }
 
+. bench/callgrind-run.sh
+
 # run VARIANT MODE SECONDS REP: one server under callgrind, one load (or, for
 # MODE idle, none); appends "variant mode rep Ir ops" to $OUT/runs.txt.
 run() {
@@ -43,33 +45,9 @@ run() {
         extra=(--metrics 127.0.0.1:0 --access-log "$OUT/access.$tag.log") ;;
     metrics) extra=(--metrics 127.0.0.1:0) ;;
     esac
-    rm -f "$OUT/cg.$tag.out"
-    valgrind --tool=callgrind --callgrind-out-file="$OUT/cg.$tag.out" \
-        --log-file="$OUT/vg.$tag.log" \
-        "$XPS" --listen 127.0.0.1:0 "${extra[@]}" 2>"$OUT/err.$tag.log" &
-    local pid=$! port=""
-    for _ in $(seq 1 300); do
-        port=$(sed -n 's/.*listening on port \([0-9]*\).*/\1/p' "$OUT/err.$tag.log" | head -n1)
-        [ -n "$port" ] && break
-        sleep 0.1
-    done
-    [ -n "$port" ] || { kill -TERM "$pid"; echo "no port for $tag" >&2; exit 1; }
-    local args=(--conns 16 --size 64) key=connections ops=0
-    [ "$mode" = lines ] && { args=(--conns 64 --pipeline 16 --size 64); key=lines; }
-    if [ "$mode" = idle ]; then
-        sleep "$secs"
-    else
-        "$BENCH" "$mode" --addr "127.0.0.1:$port" "${args[@]}" --duration "$secs" --warmup 0 \
-            >"$OUT/bench.$tag.json"
-        ops=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
-            "$OUT/bench.$tag.json" "$key")
-    fi
-    kill -TERM "$pid"
-    wait "$pid" || true
-    local ir
-    ir=$(sed -n 's/^totals: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
-    [ -n "$ir" ] || ir=$(sed -n 's/^summary: *\([0-9]*\).*/\1/p' "$OUT/cg.$tag.out" | tail -n1)
-    echo "$variant $mode $4 $ir $ops" | tee -a "$OUT/runs.txt" >&2
+    local result
+    result=$(cg_run "$tag" "$XPS" "$mode" "$secs" "${extra[@]}")
+    echo "$variant $mode $4 $result" | tee -a "$OUT/runs.txt" >&2
 }
 
 : >"$OUT/runs.txt"

@@ -83,15 +83,7 @@ fn serve(settings: &Settings) -> Result<(), String> {
         .map_err(|e| format!("epoll_ctl(): {e}"))?;
         workers.push((event_loop, core));
     }
-    for at in &open.bound {
-        xps_log!(
-            Level::Info,
-            "main()",
-            "Server listening on port {} ({})",
-            at.port(),
-            at
-        );
-    }
+    listener::log_listening(&open.bound, "main()");
     // SIGINT/SIGTERM: stop gracefully; a second one exits at once.
     let stopper = Stopper::new(shared, wakers);
     let on_signal = stopper.clone();

@@ -145,15 +145,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         loops.push((event_loop, core));
     }
     // Every listener of every worker is open: now say so.
-    for at in &open.bound {
-        xps_log!(
-            Level::Info,
-            "main()",
-            "Server listening on port {} ({})",
-            at.port(),
-            at
-        );
-    }
+    listener::log_listening(&open.bound, "main()");
     let slots = shared.slots.clone();
     notifier.ready_with_status(&status_text(slots.taken()));
     let stopper = Stopper::new(shared, wakers);

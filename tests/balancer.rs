@@ -15,45 +15,6 @@ use socket2::{Domain, Socket, Type};
 
 // ─── helpers ────────────────────────────────────────────────────────────────
 
-fn scrape(port: u16) -> String {
-    let mut s = connect(port);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap()
-}
-
-fn refused(text: &str, reason: &str) -> f64 {
-    sample(
-        text,
-        &format!("xps_connections_refused_total{{reason=\"{reason}\"}}"),
-    )
-}
-
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A v1 header for `src` → `dst`.
-fn v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
-    let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
-    format!(
-        "PROXY {fam} {} {} {} {}\r\n",
-        src.ip(),
-        dst.ip(),
-        src.port(),
-        dst.port()
-    )
-    .into_bytes()
-}
-
 /// A v2 `PROXY` header over TCP for `src` → `dst` (IPv4 or IPv6), with
 /// one TLV (skipped by the server).
 fn v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
@@ -162,11 +123,11 @@ fn v1_and_v2_headers_with_the_first_line_in_the_same_segment_are_answered() {
     let v6dst: SocketAddr = "[2001:db8::2]:8001".parse().unwrap();
     let cases: [(Vec<u8>, &str); 5] = [
         (
-            v1("203.0.113.7:51234".parse().unwrap(), dst),
+            proxy_v1("203.0.113.7:51234".parse().unwrap(), dst),
             "203.0.113.7:51234",
         ),
         (
-            v1("[2001:db8::7]:4242".parse().unwrap(), v6dst),
+            proxy_v1("[2001:db8::7]:4242".parse().unwrap(), v6dst),
             "[2001:db8::7]:4242",
         ),
         (
@@ -225,7 +186,7 @@ fn a_header_sent_byte_by_byte_works() {
     let server = proxy_server(&[]);
     let port = server.port();
     for header in [
-        v1(
+        proxy_v1(
             "10.1.2.3:1000".parse().unwrap(),
             "10.0.0.1:80".parse().unwrap(),
         ),
@@ -430,15 +391,15 @@ fn the_per_source_limit_sees_the_proxy_client() {
     let port = server.port();
     let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut a = connect(port);
-    a.write_all(&v1("10.0.0.1:1".parse().unwrap(), dst))
+    a.write_all(&proxy_v1("10.0.0.1:1".parse().unwrap(), dst))
         .unwrap();
     assert_served(&mut a, "client one");
     let mut b = connect(port);
-    b.write_all(&v1("10.0.0.2:1".parse().unwrap(), dst))
+    b.write_all(&proxy_v1("10.0.0.2:1".parse().unwrap(), dst))
         .unwrap();
     assert_served(&mut b, "client two, same balancer");
     let mut c = connect(port);
-    c.write_all(&v1("10.0.0.1:2".parse().unwrap(), dst))
+    c.write_all(&proxy_v1("10.0.0.1:2".parse().unwrap(), dst))
         .unwrap();
     assert!(closed_unanswered(&mut c, Duration::from_secs(2)));
     assert_eq!(

@@ -97,32 +97,6 @@ fn unread_by_server(server: &Server, c: &TcpStream) -> u64 {
     server_rx_queue(server.port(), cport).expect("connection in /proc/net/tcp")
 }
 
-fn scrape(port: u16) -> String {
-    let mut s = connect(port);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap()
-}
-
-fn closed(text: &str, reason: &str) -> f64 {
-    sample(
-        text,
-        &format!("xps_connections_closed_total{{reason=\"{reason}\"}}"),
-    )
-}
-
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn twelve_80_000_byte_lines_are_answered_under_a_1_mb_bound() {
     // 12 × 80 000 bytes of unterminated lines pass the pause mark (750 000)

@@ -74,14 +74,6 @@ fn records(path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A client through HAProxy: `n` pipelined lines, every reply checked;
 /// returns its own local port.
 fn exact_client(front: u16, tag: &str, n: usize) -> u16 {

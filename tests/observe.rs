@@ -23,12 +23,6 @@ fn http(port: u16, request: &[u8]) -> (String, String) {
     )
 }
 
-fn scrape(port: u16) -> String {
-    let (status, body) = http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    body
-}
-
 /// The scripted session: 3 clients that send 2 lines and half-close, one
 /// that sends a line, reads it and resets, one that stays silent until
 /// the 1 s idle timeout. Returns when all five are closed.
@@ -50,14 +44,6 @@ fn scripted_session(port: u16) {
         0,
         "idle client closed by the timeout"
     );
-}
-
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn check_session_metrics(workers: &str) {

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -56,14 +56,6 @@ fn closed_unanswered(s: &mut TcpStream) -> bool {
     }
 }
 
-fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The access log's records once at least `n` are written (flushed ≤ 1 s).
 fn records(path: &Path, n: usize) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -79,14 +71,6 @@ fn records(path: &Path, n: usize) -> Vec<serde_json::Value> {
         "access-log records",
     );
     out
-}
-
-/// How many connections were refused for `reason`, and reloads by result.
-fn refused(text: &str, reason: &str) -> f64 {
-    sample(
-        text,
-        &format!("xps_connections_refused_total{{reason=\"{reason}\"}}"),
-    )
 }
 
 fn reloads(text: &str, result: &str) -> f64 {

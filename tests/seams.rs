@@ -13,17 +13,6 @@ use std::process::{ChildStdout, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// `GET /metrics` on the metrics endpoint; the body.
-fn scrape(port: u16) -> String {
-    let mut s = connect(port);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out.split_once("\r\n\r\n").unwrap().1.to_string()
-}
-
 fn dropped_total(metrics_port: u16) -> usize {
     sample(&scrape(metrics_port), "xps_access_log_dropped_total") as usize
 }

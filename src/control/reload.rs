@@ -312,15 +312,7 @@ impl Reloader {
         if let (Some(log), Some(path)) = (&self.access_log, new_log_path) {
             log.reopen_at(path);
         }
-        for at in &opened.bound {
-            xps_log!(
-                Level::Info,
-                "xps_core_reload()",
-                "Server listening on port {} ({})",
-                at.port(),
-                at
-            );
-        }
+        listener::log_listening(&opened.bound, "xps_core_reload()");
         // What could not change stays as it runs.
         let mut current = new;
         current.workers = self.current.workers;

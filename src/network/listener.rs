@@ -187,6 +187,21 @@ pub fn resolve_all(addrs: &[ListenAddr]) -> Result<Vec<SocketAddr>, ListenError>
     Ok(resolved)
 }
 
+/// The tutorial's `Server listening on port N` line for each address in
+/// `bound`, logged once every socket of every worker is open (`source` names
+/// who opened them: `main()` at start-up, the reload).
+pub fn log_listening(bound: &[SocketAddr], source: &str) {
+    for at in bound {
+        xps_log!(
+            Level::Info,
+            source,
+            "Server listening on port {} ({})",
+            at.port(),
+            at
+        );
+    }
+}
+
 /// Resolves `addrs` ([`resolve_all`]) and opens each once per worker
 /// ([`create_resolved`]).
 pub fn create_all(addrs: &[ListenAddr], workers: usize) -> Result<OpenListeners, ListenError> {

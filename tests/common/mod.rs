@@ -358,16 +358,44 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-/// The body of `GET /metrics` from the endpoint on 127.0.0.1:`port`.
+/// The body of `GET /metrics` from the endpoint on 127.0.0.1:`port`
+/// (asserting a 200).
 pub fn scrape(port: u16) -> String {
     let mut s = connect(port);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
     out.split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap()
+}
+
+/// `xps_connections_refused_total{reason="REASON"}` in an exposition.
+pub fn refused(text: &str, reason: &str) -> f64 {
+    sample(
+        text,
+        &format!("xps_connections_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// `xps_connections_closed_total{reason="REASON"}` in an exposition.
+pub fn closed(text: &str, reason: &str) -> f64 {
+    sample(
+        text,
+        &format!("xps_connections_closed_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// Waits up to 10 s for `ok`, polling every 20 ms; `what` names it in the
+/// failure.
+pub fn wait_for(mut ok: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A PROXY protocol v1 header for `src` → `dst` (same family).
