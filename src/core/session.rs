@@ -126,9 +126,12 @@ mod tests {
         // The slab entry (the connection, its timers and the hooks' state)
         // of a plain idle connection: its whole user-space cost but for its
         // entry in the deadline heap (16 bytes).
+        // In debug builds mio's socket carries a selector id (8 bytes) that
+        // release builds leave out.
+        let debug = if cfg!(debug_assertions) { 8 } else { 0 };
         let plain = std::mem::size_of::<Entry<()>>();
         let production = std::mem::size_of::<Entry<crate::features::Features>>();
-        assert!(plain <= 160, "Entry<()> is {plain} bytes");
-        assert!(production <= 192, "Entry<Features> is {production} bytes");
+        assert!(plain <= 160 + debug, "Entry<()> is {plain} bytes");
+        assert!(production <= 192 + debug, "Entry<Features> is {production} bytes");
     }
 }
