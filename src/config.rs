@@ -100,6 +100,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub access_log: Option<PathBuf>,
 
+    /// Write the server's pid to PATH once every listener is open (and,
+    /// after a SIGUSR2 upgrade, the new process's); removed at exit
+    /// [default: the config's "pid_file", else none].
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
     /// error, warn, info, debug, or trace (the event loop narrated, one line
     /// per event, accept, read and write) [default: info, or debug with
     /// XPS_DEBUG=1 or RUST_LOG=debug].
@@ -237,6 +243,8 @@ pub struct Settings {
     pub metrics: Option<ListenAddr>,
     /// `--access-log`: where to write the access log (`-` = stdout).
     pub access_log: Option<PathBuf>,
+    /// `--pid-file`: where to write the pid.
+    pub pid_file: Option<PathBuf>,
     /// The CONFIG file, if one was given (SIGHUP reloads it).
     pub config: Option<PathBuf>,
     /// `--allow` / `--deny` (config `"access"`), in order.
@@ -399,6 +407,8 @@ struct ConfigFile {
     #[serde(default)]
     access_log: Option<String>,
     #[serde(default)]
+    pid_file: Option<String>,
+    #[serde(default)]
     max_connections: Option<u64>,
     #[serde(default)]
     max_line: Option<u64>,
@@ -448,6 +458,8 @@ pub struct FileConfig {
     pub metrics: Option<ListenAddr>,
     /// `access_log`, if present.
     pub access_log: Option<PathBuf>,
+    /// `pid_file`, if present.
+    pub pid_file: Option<PathBuf>,
     /// `max_connections`, `max_line`, `idle_timeout`, `line_timeout` (in
     /// seconds), each if present: the same limits as the options of those
     /// names, which win over them.
@@ -588,6 +600,10 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         Some("") => return Err("access_log is empty".to_string()),
         other => other.map(PathBuf::from),
     };
+    let pid_file = match file.pid_file.as_deref() {
+        Some("") => return Err("pid_file is empty".to_string()),
+        other => other.map(PathBuf::from),
+    };
     let limits = FileLimits {
         max_connections: in_range("max_connections", file.max_connections, 1..=10_000_000)?,
         max_line: in_range("max_line", file.max_line, 1..=(1 << 30))?,
@@ -623,6 +639,7 @@ pub fn parse_file(text: &str) -> Result<FileConfig, String> {
         ignored_keys: ignored.into_iter().collect(),
         metrics,
         access_log,
+        pid_file,
         limits,
         access,
         proxy_from,
@@ -779,6 +796,9 @@ impl Settings {
             access_log: cli
                 .access_log
                 .or_else(|| file.as_ref().and_then(|f| f.access_log.clone())),
+            pid_file: cli
+                .pid_file
+                .or_else(|| file.as_ref().and_then(|f| f.pid_file.clone())),
             ignored_keys: file.map(|f| f.ignored_keys).unwrap_or_default(),
         })
     }
@@ -1094,6 +1114,13 @@ mod tests {
             .unwrap();
         assert_eq!(s.metrics.unwrap().to_string(), "[::1]:0");
         assert_eq!(s.access_log.unwrap(), PathBuf::from("-"));
+        let f = parse_file(
+            r#"{"pid_file":"/run/xps/xps.pid","servers":[{"listeners":[{"host":"a","port":1}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(f.pid_file.unwrap(), PathBuf::from("/run/xps/xps.pid"));
+        let s = Settings::from_cli(cli(&["--pid-file", "x.pid"]).unwrap()).unwrap();
+        assert_eq!(s.pid_file.unwrap(), PathBuf::from("x.pid"));
         assert!(cli(&["-t"]).unwrap().check, "-t is --check, as nginx -t");
     }
 

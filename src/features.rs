@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{ListenAddr, Settings};
-use crate::core::hooks::{Hooks, PrefaceEnd, PrefaceStep, Verdict};
+use crate::core::hooks::{Carried, Hooks, PrefaceEnd, PrefaceStep, Verdict};
 use crate::network::connection::{Connection, Pass};
 use crate::network::io::CloseReason;
 use crate::observe::access_log::{AccessLog, Record};
@@ -499,6 +499,107 @@ impl Hooks for Features {
         // One relaxed store to this worker's own padded slot per turn.
         self.admission.budget.publish(self.worker, self.held);
     }
+
+    fn hand_over(&mut self, state: ConnState, _conn: &Connection, now: Instant) -> Carried {
+        self.held -= state.held as usize;
+        if let Some((_, m)) = &self.metrics {
+            m.handed_over();
+        }
+        // Without a report (no access log) the client's PROXY address was
+        // not kept here either: the new process knows it by its TCP peer.
+        let Some(r) = state.report else {
+            return Carried::default();
+        };
+        Carried {
+            listener: r.listener.to_string(),
+            client: Some(r.client),
+            proxy: r.proxy,
+            age: now.saturating_duration_since(r.since),
+            totals: [r.received, r.sent, r.lines],
+            preface: Vec::new(),
+        }
+    }
+
+    fn hand_over_preface(&mut self, mut p: Box<Preface>, now: Instant) -> Carried {
+        if let Some((_, m)) = &self.metrics {
+            m.handed_over();
+        }
+        Carried {
+            listener: p.listener.to_string(),
+            client: None,
+            proxy: Some(p.peer),
+            age: now.saturating_duration_since(p.since),
+            totals: [0; 3],
+            preface: p.reader.take_buffered(),
+        }
+    }
+
+    fn adopt(
+        &mut self,
+        c: &Carried,
+        peer: SocketAddr,
+        conn: &Connection,
+        now: Instant,
+    ) -> ConnState {
+        if let Some((_, m)) = &self.metrics {
+            m.adopted();
+        }
+        let client = c.client.unwrap_or(peer);
+        let permit = self.admission.sources.acquire_forced(client.ip());
+        let permit = permit.key().is_some().then(|| Box::new(permit));
+        let report = self.access_log.is_some().then(|| {
+            Box::new(Report {
+                client,
+                proxy: c.proxy,
+                since: now.checked_sub(c.age).unwrap_or(now),
+                listener: moved_listener_name(c, conn),
+                received: c.totals[0],
+                sent: c.totals[1],
+                lines: c.totals[2],
+            })
+        });
+        let held = conn.held();
+        self.held += held;
+        ConnState {
+            held: held.min(u32::MAX as usize) as u32,
+            _permit: permit,
+            report,
+        }
+    }
+
+    fn adopt_preface(
+        &mut self,
+        c: &Carried,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Option<Box<Preface>> {
+        let mut reader = HeaderReader::new();
+        if !c.preface.is_empty() && !matches!(reader.feed(&c.preface), Ok(None)) {
+            return None; // it was incomplete where it came from
+        }
+        if let Some((_, m)) = &self.metrics {
+            m.adopted();
+        }
+        Some(Box::new(Preface {
+            reader,
+            peer,
+            since: now.checked_sub(c.age).unwrap_or(now),
+            listener: c.listener.as_str().into(),
+            header: None,
+            error: None,
+        }))
+    }
+}
+
+/// The listener a moved connection's record names: the one it came
+/// through, or, when the process it came from kept no name, its local
+/// address.
+fn moved_listener_name(c: &Carried, conn: &Connection) -> Arc<str> {
+    if !c.listener.is_empty() {
+        return c.listener.as_str().into();
+    }
+    conn.local_addr()
+        .map_or_else(|_| "-".into(), |a| a.to_string().into())
 }
 
 impl Features {

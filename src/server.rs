@@ -12,19 +12,27 @@
 //! SIGPIPE is ignored (the Rust runtime) and sockets are written with
 //! `MSG_NOSIGNAL`, so a vanished client only ends its own connection.
 //! `docs/lifetime-of-a-connection.md` (start-up, shutdown) walks through it.
+//!
+//! Started by an upgrade (SIGUSR2, SPEC §7), the process takes the old
+//! one's listening sockets instead of binding them (`control::upgrade`),
+//! says it is ready, and starts its workers only when the old one commits.
 
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 
 use crate::config::{Cli, Settings};
+use crate::control::pidfile;
 use crate::control::reload::{Reloader, Running, WorkerLink};
 use crate::control::signals::{self, Stopper};
 use crate::control::systemd::{self, Notifier};
+use crate::control::upgrade::exe::Executable;
+use crate::control::upgrade::takeover::{Commit, Finisher, TakeOver};
+use crate::control::upgrade::{self, Upgrader};
 use crate::core::{Core, Shared, Target};
 use crate::event_loop::EventLoop;
 use crate::features::{Admission, Features};
-use crate::network::listener::{self, ListenError};
+use crate::network::listener::{self, ListenError, OpenListeners};
 use crate::observe;
 use crate::utils::logger::{self, Level};
 use crate::xps_log;
@@ -73,40 +81,47 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     let fatal = |what: &str, e: std::io::Error| {
         ServerError::Fatal(format!("{what}: {}", crate::os_reason(&e)))
     };
+    // What SIGUSR2 starts: the path we were started from, resolved now.
+    let exe = Executable::at_start_up();
     // Catch the signals before the first "listening" line: a signal sent as
     // soon as the server says it is up must start a graceful shutdown, not
     // kill it. Signals that come before the signal thread starts wait.
     let caught = signals::catch().map_err(|e| fatal("signal handler", e))?;
-    // systemd socket activation: the sockets systemd passed replace the
-    // configured listeners (taken before any thread starts).
-    let activated = systemd::listen_fds().map_err(ServerError::Fatal)?;
-    let activated_flag = activated.is_some();
-    let open = match activated {
-        Some(sockets) => {
-            systemd::adopt_listeners(sockets, settings.workers).map_err(ServerError::Fatal)?
+    // An upgrade's new process takes the old one's sockets (before any
+    // thread starts).
+    let mut takeover = TakeOver::from_env().map_err(ServerError::Fatal)?;
+    let failed = |t: &Option<TakeOver>, e: ServerError| {
+        if let Some(t) = t {
+            t.fail(&e.to_string());
         }
-        None => listener::create_all(&settings.listeners, settings.workers)
-            .map_err(ServerError::Listen)?,
+        e
     };
-    // What a reload compares the new listeners with (systemd's sockets are
-    // never reloaded).
-    let running: Vec<Running> = match activated_flag {
-        true => Vec::new(),
-        false => settings
-            .listeners
-            .iter()
-            .zip(&open.bound)
-            .map(|(addr, &at)| Running {
-                addr: addr.clone(),
-                at,
-            })
-            .collect(),
+    let (open, running, activated_flag) = match &mut takeover {
+        Some(t) => {
+            let activated = t.activated();
+            let (open, running) = match t.listeners(settings) {
+                Ok(r) => r,
+                Err(e) => {
+                    t.fail(&e);
+                    return Err(ServerError::Fatal(e));
+                }
+            };
+            (open, running, activated)
+        }
+        None => open_listeners(settings)?,
     };
     let notifier = Notifier::from_env();
-    let observers = observe::open(settings).map_err(|e| match e {
-        observe::OpenError::Listen(e) => ServerError::Listen(e),
-        observe::OpenError::Fatal(e) => ServerError::Fatal(e),
-    })?;
+    if takeover.is_some() {
+        // Not the unit's main process until the old one says so.
+        notifier.mute();
+    }
+    let inherited = takeover.as_mut().and_then(|t| t.metrics_socket(settings));
+    let mut observers = observe::open_with(settings, inherited, takeover.is_some())
+        .map_err(|e| match e {
+            observe::OpenError::Listen(e) => ServerError::Listen(e),
+            observe::OpenError::Fatal(e) => ServerError::Fatal(e),
+        })
+        .map_err(|e| failed(&takeover, e))?;
     let shared = Shared::new(settings.max_connections);
     let admission = Admission::from_settings(settings);
     let mut loops = Vec::with_capacity(settings.workers);
@@ -144,25 +159,90 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
-    // Every listener of every worker is open: now say so.
-    listener::log_listening(&open.bound, "main()");
     let slots = shared.slots.clone();
-    notifier.ready_with_status(&status_text(slots.taken()));
+    let stop = shared.clone();
     let stopper = Stopper::new(shared, wakers);
+    let state = upgrade::State::new(takeover.is_some());
+    let upgrader = Upgrader {
+        exe,
+        workers: links.clone(),
+        stop_all: {
+            let stopper = stopper.clone();
+            Arc::new(move || stopper.stop_all())
+        },
+        notifier: notifier.clone(),
+        metrics: observers.metrics.clone(),
+        metrics_socket: settings.metrics.clone().zip(observers.metrics_socket()),
+        slots: slots.clone(),
+        state: state.clone(),
+    };
     let reloader = Reloader {
         cli,
         current: settings.clone(),
         running,
         activated: activated_flag,
-        workers: links,
+        workers: links.clone(),
         slots: slots.clone(),
         access_log: observers.access_log(),
         metrics: observers.metrics.clone(),
         notifier: notifier.clone(),
         admission,
     };
-    let signal_thread = signals::spawn(caught, stopper.clone(), reloader, notifier.clone())
-        .map_err(|e| fatal("spawn signal thread", e))?;
+    let signal_thread = signals::spawn(
+        caught,
+        stopper.clone(),
+        reloader,
+        notifier.clone(),
+        upgrader,
+    )
+    .map_err(|e| fatal("spawn signal thread", e))?;
+    // Every listener of every worker is open: now say so.
+    listener::log_listening(&open.bound, "main()");
+    match takeover {
+        None => {
+            if let Some(path) = &settings.pid_file {
+                pidfile::write(path, std::process::id()).map_err(|e| {
+                    ServerError::Fatal(format!(
+                        "cannot write the pid file {}: {}",
+                        path.display(),
+                        crate::os_reason(&e)
+                    ))
+                })?;
+            }
+            notifier.ready_with_status(&status_text(slots.taken()));
+        }
+        Some(mut t) => {
+            let old = t.old_pid();
+            t.ready().map_err(|e| fatal("upgrade channel", e))?;
+            match t.wait_commit(&stop.stop) {
+                Commit::Go { .. } | Commit::OldGone => {}
+                Commit::Stopped => {
+                    xps_log!(
+                        Level::Info,
+                        "main()",
+                        "stopped before taking over from pid {old}"
+                    );
+                    return Ok(());
+                }
+                Commit::RolledBack => {
+                    return Err(ServerError::Fatal(format!(
+                        "pid {old} did not hand over: exiting"
+                    )));
+                }
+            }
+            let finisher = Finisher {
+                workers: links,
+                metrics: observers.metrics.clone(),
+                deferred: observers.deferred_metrics(),
+                pid_file: settings.pid_file.clone(),
+                notifier: notifier.clone(),
+                state: state.clone(),
+                listeners: t.listeners_taken(),
+            };
+            t.finish(finisher)
+                .map_err(|e| fatal("spawn take-over thread", e))?;
+        }
+    }
 
     let named = settings.workers > 1;
     let workers: Vec<Worker> = loops
@@ -184,6 +264,9 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         || stopper.stop_all(),
         || notifier.status(&status_text(slots.taken())),
     );
+    // An upgrade's last steps (the counters, the new process's Bye) wait
+    // for the workers to have ended.
+    let handed_over = state.after_workers();
     // The signal thread is neither closed nor joined: it runs until the
     // process exits, so a second SIGINT/SIGTERM exits at once also while the
     // access log's writer is given its last seconds here.
@@ -191,13 +274,50 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
     // Writes every record queued, or gives up on a blocked writer after
     // CLOSE_GRACE, counting what it holds as dropped.
     observers.close();
+    if let Some(path) = &settings.pid_file {
+        pidfile::remove_if_holds(path, std::process::id());
+    }
     match result {
         Err(e) => Err(ServerError::Fatal(e)),
         Ok(()) => {
-            xps_log!(Level::Info, "main()", "all connections closed, exiting");
+            if handed_over.is_none() {
+                xps_log!(Level::Info, "main()", "all connections closed, exiting");
+            }
             Ok(())
         }
     }
+}
+
+/// Opens every listener of every worker: the configured ones, or under
+/// systemd socket activation the sockets it passed. Returns them, the
+/// listeners as a reload compares them, and whether they came from systemd.
+fn open_listeners(settings: &Settings) -> Result<(OpenListeners, Vec<Running>, bool), ServerError> {
+    // systemd socket activation: the sockets systemd passed replace the
+    // configured listeners (taken before any thread starts).
+    let activated = systemd::listen_fds().map_err(ServerError::Fatal)?;
+    let activated_flag = activated.is_some();
+    let open = match activated {
+        Some(sockets) => {
+            systemd::adopt_listeners(sockets, settings.workers).map_err(ServerError::Fatal)?
+        }
+        None => listener::create_all(&settings.listeners, settings.workers)
+            .map_err(ServerError::Listen)?,
+    };
+    // What a reload compares the new listeners with (systemd's sockets are
+    // never reloaded).
+    let running: Vec<Running> = match activated_flag {
+        true => Vec::new(),
+        false => settings
+            .listeners
+            .iter()
+            .zip(&open.bound)
+            .map(|(addr, &at)| Running {
+                addr: addr.clone(),
+                at,
+            })
+            .collect(),
+    };
+    Ok((open, running, activated_flag))
 }
 
 /// systemd's STATUS= text.

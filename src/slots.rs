@@ -62,6 +62,16 @@ impl Slots {
         }
     }
 
+    /// Takes a slot even past the cap: a connection that moved from another
+    /// process (an upgrade) is connected already; accepting waits until
+    /// the count is below the cap again.
+    pub fn acquire_forced(self: &Arc<Self>) -> Slot {
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            slots: self.clone(),
+        }
+    }
+
     /// Whether every slot is taken.
     pub fn full(&self) -> bool {
         self.taken() >= self.max.load(Ordering::Relaxed)

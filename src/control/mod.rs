@@ -1,7 +1,10 @@
 //! Everything a signal or the service manager asks of the server: the
-//! signal thread ([`signals`]), SIGHUP's reload ([`reload`]) and the systemd
+//! signal thread ([`signals`]), SIGHUP's reload ([`reload`]), SIGUSR2's
+//! binary upgrade ([`upgrade`]), the pid file ([`pidfile`]) and the systemd
 //! integration ([`systemd`]).
 
+pub mod pidfile;
 pub mod reload;
 pub mod signals;
 pub mod systemd;
+pub mod upgrade;

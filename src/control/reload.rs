@@ -156,6 +156,7 @@ fn explain_in_use(e: ListenError, at: Option<SocketAddr>, removed: &[Running]) -
 }
 
 /// A way to reach one worker's core.
+#[derive(Clone)]
 pub struct WorkerLink {
     /// Where its control messages go.
     pub tx: Sender<Control<Features>>,

@@ -1,9 +1,13 @@
-//! The signal thread: what SIGINT, SIGTERM, SIGHUP and SIGUSR1 do.
+//! The signal thread: what SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 do.
 //!
-//! * the first SIGINT/SIGTERM stops every worker gracefully ([`Stopper`]);
-//!   a second exits at once with 128+N;
+//! * the first SIGINT/SIGTERM stops every worker gracefully ([`Stopper`])
+//!   (during an upgrade's hand-over, once it is done); a second exits at
+//!   once with 128+N;
 //! * SIGHUP reloads the CONFIG file (and reopens the access log);
-//! * SIGUSR1 reopens the access log (logrotate's convention).
+//! * SIGUSR1 reopens the access log (logrotate's convention);
+//! * SIGUSR2 upgrades the binary ([`Upgrader`]). A SIGUSR2 or SIGHUP while
+//!   an upgrade runs, and a SIGUSR2 during a shutdown, is ignored with a
+//!   warning.
 //!
 //! Signals are caught ([`catch`]) before the first "listening" line, so a
 //! signal sent as soon as the server says it is up is never lost; the
@@ -14,11 +18,12 @@ use std::sync::atomic::Ordering;
 use std::thread;
 
 use mio::Waker;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::control::reload::Reloader;
 use crate::control::systemd::Notifier;
+use crate::control::upgrade::Upgrader;
 use crate::core::Shared;
 use crate::utils::logger::Level;
 use crate::xps_log;
@@ -53,9 +58,9 @@ impl Stopper {
 /// The signals xps acts on, caught and waiting for the signal thread.
 pub struct Caught(Signals);
 
-/// Catches SIGINT, SIGTERM, SIGHUP and SIGUSR1 from now on.
+/// Catches SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 from now on.
 pub fn catch() -> std::io::Result<Caught> {
-    Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1]).map(Caught)
+    Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2]).map(Caught)
 }
 
 /// The running signal thread. It is never joined: it acts on signals until
@@ -71,6 +76,7 @@ pub fn spawn(
     stopper: Stopper,
     mut reloader: Reloader,
     notifier: Notifier,
+    mut upgrader: Upgrader,
 ) -> std::io::Result<SignalThread> {
     let Caught(mut signals) = caught;
     let thread = thread::Builder::new()
@@ -80,12 +86,26 @@ pub fn spawn(
             for sig in signals.forever() {
                 match sig {
                     SIGUSR1 => reloader.reopen_access_log(),
-                    SIGHUP if stops == 0 => reloader.on_sighup(),
+                    SIGUSR2 => {
+                        upgrader.on_sigusr2(&reloader.running, reloader.activated, stops > 0)
+                    }
+                    SIGHUP if stops == 0 => match upgrader.busy() {
+                        Some(why) => {
+                            xps_log!(Level::Warning, "xps_signals()", "SIGHUP ignored: {why}")
+                        }
+                        None => reloader.on_sighup(),
+                    },
                     SIGHUP => {}
                     _ => {
                         stops += 1;
                         let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
-                        if stops == 1 {
+                        if stops == 1 && !upgrader.state.on_stop() {
+                            xps_log!(
+                                Level::Info,
+                                "xps_signals()",
+                                "{name} received during an upgrade: the new process takes over; exiting when the hand-over is done (send it again to exit at once)"
+                            );
+                        } else if stops == 1 {
                             xps_log!(
                                 Level::Info,
                                 "xps_signals()",

@@ -86,6 +86,9 @@ struct Target {
     name: OsString,
     /// Set after the first failure has been logged at WARNING.
     warned: AtomicBool,
+    /// While set, nothing is sent: a new process of an upgrade is not the
+    /// unit's main process until the old one has said `MAINPID=`.
+    muted: AtomicBool,
 }
 
 impl fmt::Debug for Notifier {
@@ -151,6 +154,7 @@ impl Notifier {
             addr,
             name: name.to_os_string(),
             warned: AtomicBool::new(false),
+            muted: AtomicBool::new(false),
         })
     }
 
@@ -193,8 +197,60 @@ impl Notifier {
         }
     }
 
+    /// Sends nothing until [`unmute`](Self::unmute) (a new process of an
+    /// upgrade, until the old one has handed the unit over).
+    pub fn mute(&self) {
+        if let Some(t) = &self.target {
+            t.muted.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends again.
+    pub fn unmute(&self) {
+        if let Some(t) = &self.target {
+            t.muted.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// An upgrade is done: `MAINPID=pid`, `READY=1` and `STATUS=text` in one
+    /// datagram, so the unit follows the new process.
+    pub fn main_pid_ready(&self, pid: u32, text: &str) {
+        if self.is_enabled() {
+            let msg = format!("MAINPID={pid}\nREADY=1\nSTATUS={}", status_line(text));
+            self.send(&msg, true);
+        }
+    }
+
+    /// `BARRIER=1` (systemd ≥ 246): waits up to `timeout` until the manager
+    /// has read every message sent before it, so a process that exits next
+    /// is not gone before its `MAINPID=` was attributed to it. The datagram
+    /// carries the write end of a pipe; the manager closes it once it got
+    /// here, which the read end sees as a hang-up. Returns whether it did.
+    pub fn barrier(&self, timeout: Duration) -> bool {
+        let Some(t) = &self.target else { return true };
+        if t.muted.load(Ordering::Relaxed) {
+            return true;
+        }
+        match barrier(t, timeout) {
+            Ok(done) => done,
+            Err(e) => {
+                xps_log!(
+                    Level::Debug,
+                    LOG_SOURCE,
+                    "BARRIER=1 through NOTIFY_SOCKET={}: {}",
+                    t.name.to_string_lossy(),
+                    crate::os_reason(&e)
+                );
+                false
+            }
+        }
+    }
+
     fn send(&self, msg: &str, wait: bool) {
         let Some(t) = &self.target else { return };
+        if t.muted.load(Ordering::Relaxed) {
+            return;
+        }
         let deadline = Instant::now() + STATE_SEND_WAIT;
         let err = loop {
             match t.socket.send_to_addr(msg.as_bytes(), &t.addr) {
@@ -224,6 +280,55 @@ impl Notifier {
                 ""
             }
         );
+    }
+}
+
+/// `BARRIER=1` with a pipe's write end attached, then a wait for the
+/// manager to close it (sd_notify(3), `sd_notify_barrier`).
+fn barrier(t: &Target, timeout: Duration) -> io::Result<bool> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded: both are new fds this function owns.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let socket = UnixDatagram::unbound()?;
+    socket.connect_addr(&t.addr)?;
+    let iov = [io::IoSlice::new(b"BARRIER=1")];
+    let rights = [write.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&rights)];
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    drop(write);
+    let mut pfd = libc::pollfd {
+        fd: read.as_raw_fd(),
+        events: 0, // POLLHUP is always reported
+        revents: 0,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            return Ok(pfd.revents & libc::POLLHUP != 0);
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! What another thread may ask of a running worker, delivered through a
 //! channel and the worker's waker, and applied at the start of
-//! `after_events`. Today: a reload (SIGHUP).
+//! `after_events`: a reload (SIGHUP), and an upgrade's steps (SIGUSR2,
+//! `core/handover.rs`).
 
 use std::net::SocketAddr;
 use std::sync::mpsc::Sender;
 
 use crate::config::{Limits, ListenAddr};
 use crate::core::Core;
+use crate::core::handover::{ListenerCopy, Moved, Sink};
 use crate::core::hooks::Hooks;
 use crate::network::listener::Listener;
 use crate::utils::logger::Level;
@@ -16,6 +18,15 @@ use crate::xps_log;
 pub enum Control<H: Hooks> {
     /// Apply a reloaded configuration.
     Reconfigure(Reconfigure<H::Update>),
+    /// An upgrade begins: answer with copies of the listening sockets.
+    ListListeners(Sender<Vec<ListenerCopy>>),
+    /// The new process accepts: stop accepting, move every connection out.
+    HandOver(Sink),
+    /// The hand-over failed: serve these listeners again, move nothing
+    /// more; say when done.
+    Resume(Vec<Listener>, Sender<()>),
+    /// Connections moved here from another process.
+    Adopt(Vec<Moved>),
 }
 
 /// A worker's share of a reload.
@@ -46,6 +57,15 @@ impl<H: Hooks> Core<H> {
         for msg in msgs {
             match msg {
                 Control::Reconfigure(r) => self.reconfigure(r),
+                Control::ListListeners(reply) => {
+                    let _ = reply.send(self.listener_copies());
+                }
+                Control::HandOver(sink) => self.start_hand_over(sink),
+                Control::Resume(listeners, done) => {
+                    self.resume(listeners);
+                    let _ = done.send(());
+                }
+                Control::Adopt(conns) => self.queue_adopt(conns),
             }
         }
     }

@@ -41,22 +41,26 @@ impl<H: Hooks> Core<H> {
         self.shutdown = Some(self.clock.now + SHUTDOWN_GRACE);
         let keys: Vec<usize> = self.connections.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let entry = &mut self.connections[key];
-            let Session::Serving(state) = &mut entry.session else {
-                // Not served yet: nothing of it to answer.
-                self.connection_destroy(key, CloseReason::Shutdown);
-                continue;
-            };
-            let replies = entry.conn.begin_drain();
-            if replies > 0 {
-                let pass = Pass {
-                    replies,
-                    ..Pass::default()
-                };
-                self.hooks.on_pass(state, &pass, &entry.conn);
-            }
-            self.drive(key);
+            self.begin_drain_of(key);
         }
+    }
+
+    /// One connection's part in [`begin_shutdown`](Self::begin_shutdown).
+    pub(super) fn begin_drain_of(&mut self, key: usize) {
+        let entry = &mut self.connections[key];
+        let Session::Serving(state) = &mut entry.session else {
+            // Not served yet: nothing of it to answer.
+            return self.connection_destroy(key, CloseReason::Shutdown);
+        };
+        let replies = entry.conn.begin_drain();
+        if replies > 0 {
+            let pass = Pass {
+                replies,
+                ..Pass::default()
+            };
+            self.hooks.on_pass(state, &pass, &entry.conn);
+        }
+        self.drive(key);
     }
 
     /// Step 6: during a shutdown, looks at lingering connections and ends

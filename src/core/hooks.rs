@@ -88,6 +88,28 @@ impl std::fmt::Display for PrefaceEnd {
     }
 }
 
+/// What the hooks carry of a connection that moves to another process
+/// (SPEC §7), as plain data: who the client is, since when, what moved.
+/// The hooks of the process it leaves fill it in
+/// ([`Hooks::hand_over`]); those of the process it joins take it back
+/// ([`Hooks::adopt`]). `()` carries nothing.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Carried {
+    /// The listener's name (its bound address), if the hooks kept it.
+    pub listener: String,
+    /// The client, if the hooks know it (a PROXY header's source).
+    pub client: Option<SocketAddr>,
+    /// The balancer that sent the PROXY header (the TCP peer).
+    pub proxy: Option<SocketAddr>,
+    /// Time since accept (0 if the hooks did not keep it).
+    pub age: Duration,
+    /// Bytes received, bytes sent and replies so far (for its access-log
+    /// record).
+    pub totals: [u64; 3],
+    /// During a preface: its bytes read so far.
+    pub preface: Vec<u8>,
+}
+
 /// The points where features plug in. Every method but the accept and
 /// preface ones has a default that does nothing.
 pub trait Hooks {
@@ -148,6 +170,40 @@ pub trait Hooks {
 
     /// Once per loop turn, after everything else.
     fn on_turn(&mut self) {}
+
+    /// A served connection leaves this process for another (an upgrade):
+    /// not an end (no close is counted, no record written); what to carry.
+    fn hand_over(&mut self, _state: Self::Conn, _conn: &Connection, _now: Instant) -> Carried {
+        Carried::default()
+    }
+
+    /// A connection in its preface leaves this process (its bytes so far
+    /// go in [`Carried::preface`]).
+    fn hand_over_preface(&mut self, _preface: Self::Preface, _now: Instant) -> Carried {
+        Carried::default()
+    }
+
+    /// A served connection arrives from another process, TCP peer `peer`:
+    /// its state here, admitted whatever the limits (the client is
+    /// connected already).
+    fn adopt(
+        &mut self,
+        carried: &Carried,
+        peer: SocketAddr,
+        conn: &Connection,
+        now: Instant,
+    ) -> Self::Conn;
+
+    /// A connection in its preface arrives from another process: its
+    /// preface state with the bytes carried fed in, or `None` to close it.
+    fn adopt_preface(
+        &mut self,
+        _carried: &Carried,
+        _peer: SocketAddr,
+        _now: Instant,
+    ) -> Option<Self::Preface> {
+        None
+    }
 }
 
 /// A type with no value: the preface state of hooks that never ask for one,
@@ -179,4 +235,6 @@ impl Hooks for () {
     fn preface_failed(&mut self, preface: &mut Never, _: PrefaceEnd, _: Instant) {
         match *preface {}
     }
+
+    fn adopt(&mut self, _: &Carried, _: SocketAddr, _: &Connection, _: Instant) {}
 }

@@ -18,6 +18,7 @@
 pub mod control;
 pub mod drain;
 pub mod fairness;
+pub mod handover;
 pub mod hooks;
 pub mod session;
 pub mod timers;
@@ -155,6 +156,8 @@ pub struct Core<H: Hooks> {
     accept_warning: RateLimited,
     /// Messages from the control thread (reload), if any may come.
     control: Option<std::sync::mpsc::Receiver<Control<H>>>,
+    /// Connections moving to or from another process (an upgrade).
+    moving: handover::Moving,
     /// The features.
     hooks: H,
 }
@@ -187,6 +190,7 @@ impl<H: Hooks> Core<H> {
             stopped: false,
             accept_warning: RateLimited::new(WARN_INTERVAL),
             control,
+            moving: handover::Moving::default(),
             hooks,
         };
         for listener in listeners {
@@ -317,14 +321,7 @@ impl<H: Hooks> Core<H> {
         if let Some(due) = timers.first_due() {
             self.timers.push(due, key);
         }
-        entry.insert(Entry {
-            conn,
-            timers,
-            session,
-            queued: false,
-            held: false,
-            turn: self.turn.wrapping_sub(1),
-        });
+        entry.insert(Entry::new(conn, timers, session, self.turn));
     }
 
     /// `xps_connection_destroy()`'s caller: removes the connection and tells
@@ -466,6 +463,9 @@ impl<H: Hooks> Core<H> {
         if let Some(t) = self.drain_wake() {
             earliest(t);
         }
+        if let Some(t) = self.moving_wake() {
+            earliest(t);
+        }
         if let Some(t) = self.timers.unarmed_next(&self.clock) {
             earliest(t);
         }
@@ -516,7 +516,8 @@ impl<H: Hooks> Handler for Core<H> {
 
     /// The work that does not come from epoll, in this order.
     fn after_events(&mut self) -> Option<Duration> {
-        self.apply_control(); // 0. reload messages
+        self.apply_control(); // 0. reload and upgrade messages
+        self.step_moving(); // 0b. an upgrade's connections, a slice in or out
         if self.shutdown.is_none() && self.shared.stop.load(Ordering::Relaxed) {
             self.begin_shutdown(); // 1. the stop flag
         }

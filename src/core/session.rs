@@ -40,6 +40,21 @@ pub struct Entry<H: Hooks> {
     pub turn: u32,
 }
 
+impl<H: Hooks> Entry<H> {
+    /// A connection just created (or taken over) in turn `turn`: not
+    /// queued, not held, and not yet driven in this turn.
+    pub fn new(conn: Connection, timers: ConnTimers, session: Session<H>, turn: u32) -> Entry<H> {
+        Entry {
+            conn,
+            timers,
+            session,
+            queued: false,
+            held: false,
+            turn: turn.wrapping_sub(1),
+        }
+    }
+}
+
 impl<H: Hooks> Core<H> {
     /// Reads a connection's preface until it is complete, refused, or the
     /// socket is drained.
@@ -132,6 +147,9 @@ mod tests {
         let plain = std::mem::size_of::<Entry<()>>();
         let production = std::mem::size_of::<Entry<crate::features::Features>>();
         assert!(plain <= 160 + debug, "Entry<()> is {plain} bytes");
-        assert!(production <= 192 + debug, "Entry<Features> is {production} bytes");
+        assert!(
+            production <= 192 + debug,
+            "Entry<Features> is {production} bytes"
+        );
     }
 }

@@ -11,8 +11,10 @@
 //! So a connection costs at most one heap operation per timeout period, and
 //! nothing scans every connection. A timerfd ([`LoopTimer`]) armed for the
 //! earliest entry wakes the loop, so `epoll_wait` needs no timeout. Times
-//! are [`Moment`]s: milliseconds since the worker started, 8 bytes where an
-//! `Instant` takes 16, which matters at 10 000 idle connections.
+//! are [`Moment`]s: milliseconds of `CLOCK_MONOTONIC` (since boot), 8 bytes
+//! where an `Instant` takes 16, which matters at 10 000 idle connections —
+//! and the same clock in every process, so a connection's deadlines move to
+//! a new process of an upgrade unchanged ([`TimersSnapshot`]).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -25,7 +27,7 @@ use crate::network::io::CloseReason;
 use crate::utils::logger::Level;
 use crate::xps_log;
 
-/// A point in time: milliseconds since the worker's epoch.
+/// A point in time: milliseconds of `CLOCK_MONOTONIC`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Moment(u64);
 
@@ -51,7 +53,7 @@ impl Moment {
 /// is stamped with the time of the wake-up.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
-    /// When the worker started: `Moment(0)`.
+    /// `CLOCK_MONOTONIC`'s zero (boot): `Moment(0)`.
     epoch: Instant,
     /// The time of the current wake-up.
     pub now: Instant,
@@ -60,14 +62,20 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// A clock starting now.
+    /// The clock, read now.
     pub fn start() -> Clock {
+        // `Instant` is CLOCK_MONOTONIC on Linux: read the clock first, so
+        // the subtraction stays at or after its zero.
+        let since_boot = monotonic();
         let now = Instant::now();
-        Clock {
-            epoch: now,
+        let epoch = now.checked_sub(since_boot).unwrap_or(now);
+        let mut clock = Clock {
+            epoch,
             now,
             moment: Moment(0),
-        }
+        };
+        clock.tick();
+        clock
     }
 
     /// Reads the time (once per wake-up).
@@ -80,6 +88,20 @@ impl Clock {
     fn instant(&self, m: Moment) -> Instant {
         self.epoch + Duration::from_millis(m.0)
     }
+}
+
+/// `CLOCK_MONOTONIC` now.
+fn monotonic() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// [`Timeouts`] in whole seconds (0 = off), as a connection keeps them: a
@@ -343,6 +365,80 @@ impl ConnTimers {
     pub fn in_heap(&self) -> Option<Moment> {
         self.in_heap
     }
+
+    /// Its clocks as plain data, to move with the connection (SPEC §7):
+    /// absolute moments, valid in any process on this machine.
+    pub fn snapshot(&self) -> TimersSnapshot {
+        TimersSnapshot {
+            idle_secs: self.secs.idle,
+            line_secs: self.secs.line,
+            last_active_ms: self.last_active.0,
+            line: match self.line {
+                LineClock::Clear => LineSnapshot::Clear,
+                LineClock::Running { due } => LineSnapshot::Running { due_ms: due.0 },
+                LineClock::Stopped { left_ms } => LineSnapshot::Stopped { left_ms },
+            },
+        }
+    }
+
+    /// The clocks of a moved connection: its deadlines are the ones it had
+    /// (time passed in transit counts). Returns them with the first
+    /// deadline to push into the heap.
+    pub fn restore(s: &TimersSnapshot) -> (ConnTimers, Option<Moment>) {
+        let mut t = ConnTimers {
+            last_active: Moment(s.last_active_ms),
+            line: match s.line {
+                LineSnapshot::Clear => LineClock::Clear,
+                LineSnapshot::Running { due_ms } => LineClock::Running {
+                    due: Moment(due_ms),
+                },
+                LineSnapshot::Stopped { left_ms } => LineClock::Stopped { left_ms },
+            },
+            in_heap: None,
+            secs: TimeoutSecs {
+                idle: s.idle_secs,
+                line: s.line_secs,
+            },
+        };
+        let idle = (t.secs.idle > 0).then(|| t.last_active.after_secs(t.secs.idle));
+        let line = match t.line {
+            LineClock::Running { due } => Some(due),
+            _ => None,
+        };
+        t.in_heap = [idle, line].into_iter().flatten().min();
+        let due = t.in_heap;
+        (t, due)
+    }
+}
+
+/// A connection's clocks as plain data ([`ConnTimers::snapshot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimersSnapshot {
+    /// Its `--idle-timeout` (or preface deadline) in seconds; 0 = off.
+    pub idle_secs: u32,
+    /// Its `--line-timeout` in seconds; 0 = off.
+    pub line_secs: u32,
+    /// When a byte last moved (`CLOCK_MONOTONIC` ms).
+    pub last_active_ms: u64,
+    /// The line clock.
+    pub line: LineSnapshot,
+}
+
+/// The line clock as plain data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineSnapshot {
+    /// No unterminated line.
+    Clear,
+    /// Running: the line times out at `due_ms` (`CLOCK_MONOTONIC` ms).
+    Running {
+        /// When.
+        due_ms: u64,
+    },
+    /// Stopped (reading paused) with `left_ms` of the timeout left.
+    Stopped {
+        /// What remains.
+        left_ms: u64,
+    },
 }
 
 #[cfg(test)]
@@ -355,6 +451,31 @@ mod tests {
         assert_eq!(m.after_secs(1), Moment(1011));
         assert_eq!(m.until(Moment(5)), 0);
         assert_eq!(m.until(Moment(15)), 5);
+    }
+
+    #[test]
+    fn the_clock_is_monotonic_time_so_moments_agree_across_processes() {
+        let c = Clock::start();
+        let boot = monotonic().as_millis() as u64;
+        assert!(c.moment.0.abs_diff(boot) <= 5, "{:?} vs {boot}", c.moment);
+    }
+
+    #[test]
+    fn a_snapshot_restores_the_same_deadlines() {
+        let mut t = ConnTimers::new(
+            Moment(5_000),
+            TimeoutSecs::of(Timeouts {
+                idle: Some(Duration::from_secs(3)),
+                line: Some(Duration::from_secs(2)),
+            }),
+        );
+        t.line = LineClock::Running { due: Moment(6_500) };
+        let (r, due) = ConnTimers::restore(&t.snapshot());
+        assert_eq!(due, Some(Moment(6_500)), "the line deadline is the earlier");
+        assert_eq!(r.snapshot(), t.snapshot());
+        t.line = LineClock::Stopped { left_ms: 700 };
+        let (_, due) = ConnTimers::restore(&t.snapshot());
+        assert_eq!(due, Some(Moment(8_001)), "idle: 5 s + 3 s (+1 ms rounding)");
     }
 
     #[test]

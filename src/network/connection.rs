@@ -163,6 +163,27 @@ pub enum RawRead {
     Failed(CloseReason),
 }
 
+/// A connection's state apart from its socket, as plain data: what moves
+/// with the socket when another process takes the connection over (SPEC
+/// §7). Only a connection that is serving moves ([`Connection::movable`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The unterminated line.
+    pub partial: Vec<u8>,
+    /// Replies the socket has not taken yet.
+    pub pending: Vec<u8>,
+    /// Its `--max-line`.
+    pub max_line: u32,
+    /// The client half-closed: nothing more is read; close once the
+    /// replies are sent.
+    pub input_done: bool,
+    /// Flow control paused reading.
+    pub paused: bool,
+    /// The kernel's send queue when the socket last refused bytes (the
+    /// same socket moves, so it stays meaningful).
+    pub send_queue: u32,
+}
+
 /// One client connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -220,6 +241,77 @@ impl Connection {
             flow: Flow::Reading,
             _slot: slot,
         })
+    }
+
+    /// Whether the connection can move to another process as it is: it is
+    /// serving (open, or its client half-closed and replies remain). A
+    /// connection that drains or lingers exists only inside a shutdown and
+    /// finishes where it is.
+    pub fn movable(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Open
+                | Phase::InputDone {
+                    then: AfterReplies::Close
+                }
+        )
+    }
+
+    /// Takes a [`movable`](Self::movable) connection apart to move it: its
+    /// socket, detached from this loop explicitly (another process holds
+    /// the same socket, so closing ours would not remove it from epoll), and
+    /// its state. Its slot is given back here.
+    pub fn take_apart(mut self, handle: &LoopHandle) -> (std::os::fd::OwnedFd, Snapshot) {
+        let _ = handle.detach(&mut self.stream);
+        let sent = self.sent as usize;
+        let mut pending = std::mem::take(&mut self.pending);
+        if sent > 0 {
+            pending.drain(..sent);
+        }
+        let snapshot = Snapshot {
+            partial: self.reverser.take_partial(),
+            pending,
+            max_line: self.reverser.max_line().min(u32::MAX as usize) as u32,
+            input_done: self.phase != Phase::Open,
+            paused: self.flow == Flow::Paused,
+            send_queue: self.send_queue,
+        };
+        (self.stream.into(), snapshot)
+    }
+
+    /// A connection moved from another process: attaches `stream` under
+    /// `token` like [`create`](Self::create), with the state it had there.
+    /// It is driven at once: the moved replies are written first, then
+    /// whatever the client sent meanwhile (it waited in the kernel) is read.
+    pub fn restore(
+        stream: TcpStream,
+        state: Snapshot,
+        slot: Slot,
+        id: u64,
+        handle: &LoopHandle,
+        token: Token,
+    ) -> io::Result<Connection> {
+        let mut conn =
+            Connection::create(stream, slot, id, state.max_line as usize, handle, token)?;
+        conn.reverser = LineReverser::resume(state.max_line as usize, state.partial);
+        conn.pending = state.pending;
+        conn.send_queue = state.send_queue;
+        // Unknown readiness: try both ways once; a short read is not
+        // trusted until a `WouldBlock` confirms it.
+        conn.ready = Readiness {
+            readable: !state.input_done,
+            writable: true,
+            read_past_short: true,
+        };
+        if state.input_done {
+            conn.phase = Phase::InputDone {
+                then: AfterReplies::Close,
+            };
+        }
+        if state.paused {
+            conn.flow = Flow::Paused;
+        }
+        Ok(conn)
     }
 
     /// `xps_connection_destroy()`: dropping the socket closes it (which also
@@ -618,6 +710,12 @@ impl Connection {
     /// Whether the last edge said readable and no read has found it empty.
     pub fn readable(&self) -> bool {
         self.ready.readable
+    }
+
+    /// The local address of the connection, asked of the kernel
+    /// (`getsockname()`).
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.local_addr()
     }
 
     /// The client's address, asked of the kernel (`getpeername()`).

@@ -24,6 +24,9 @@ use metrics::{Metrics, WorkerMetrics};
 pub struct Observers {
     /// The metrics registry (its HTTP endpoint runs on threads of its own).
     pub metrics: Option<Arc<Metrics>>,
+    /// A copy of the metrics endpoint's socket (for an upgrade to pass on),
+    /// and the endpoint while it waits to be served.
+    endpoint: Option<(std::net::TcpListener, Option<DeferredMetrics>)>,
     /// The access log's handle for the workers, and its writer thread.
     log: Option<(AccessLog, AccessLogWriter)>,
 }
@@ -37,23 +40,65 @@ pub enum OpenError {
     Fatal(String),
 }
 
+/// The metrics endpoint, open and not served yet: a new process of an
+/// upgrade serves it once the old one's counters have been added (so no
+/// scrape sees a counter go down).
+pub struct DeferredMetrics {
+    socket: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+}
+
+impl DeferredMetrics {
+    /// Serves it from now on.
+    pub fn serve(self) -> std::io::Result<()> {
+        http::serve(self.socket, self.metrics).map(drop)
+    }
+}
+
 /// Opens the metrics endpoint and the access log the settings ask for.
 pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
+    open_with(settings, None, false)
+}
+
+/// [`open`], with the metrics endpoint's socket given (`inherited`, from
+/// the old process of an upgrade) and, with `defer`, not served until
+/// [`Observers::deferred_metrics`] says so.
+pub fn open_with(
+    settings: &Settings,
+    inherited: Option<std::net::TcpListener>,
+    defer: bool,
+) -> Result<Observers, OpenError> {
+    let mut endpoint = None;
     let metrics = match &settings.metrics {
         None => None,
         Some(addr) => {
             let at = listener::resolve(addr).map_err(OpenError::Listen)?;
-            let socket = std::net::TcpListener::bind(at).map_err(|e| {
-                OpenError::Listen(ListenError {
-                    addr: addr.clone(),
-                    reason: format!("bind(): {}", crate::os_reason(&e)),
-                })
-            })?;
+            let socket = match inherited {
+                Some(socket) => socket,
+                None => std::net::TcpListener::bind(at).map_err(|e| {
+                    OpenError::Listen(ListenError {
+                        addr: addr.clone(),
+                        reason: format!("bind(): {}", crate::os_reason(&e)),
+                    })
+                })?,
+            };
             let local = socket.local_addr().unwrap_or(at);
             let metrics = Metrics::new(settings.workers);
-            http::serve(socket, metrics.clone()).map_err(|e| {
-                OpenError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
+            let copy = socket.try_clone().map_err(|e| {
+                OpenError::Fatal(format!("dup(metrics socket): {}", crate::os_reason(&e)))
             })?;
+            let deferred = DeferredMetrics {
+                socket,
+                metrics: metrics.clone(),
+            };
+            if defer {
+                endpoint = Some((copy, Some(deferred)));
+            } else {
+                deferred.serve().map_err(|e| {
+                    OpenError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
+                })?;
+                endpoint = Some((copy, None));
+            }
             xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
             Some(metrics)
         }
@@ -73,7 +118,11 @@ pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
             })?)
         }
     };
-    Ok(Observers { metrics, log })
+    Ok(Observers {
+        metrics,
+        endpoint,
+        log,
+    })
 }
 
 impl Observers {
@@ -81,6 +130,16 @@ impl Observers {
     pub fn worker_metrics(&self, worker: usize) -> Option<(Arc<Metrics>, WorkerMetrics)> {
         let m = self.metrics.as_ref()?;
         m.take_worker(worker).map(|w| (m.clone(), w))
+    }
+
+    /// The metrics endpoint [`open_with`] was told to defer.
+    pub fn deferred_metrics(&mut self) -> Option<DeferredMetrics> {
+        self.endpoint.as_mut()?.1.take()
+    }
+
+    /// A copy of the metrics endpoint's socket, for an upgrade to pass on.
+    pub fn metrics_socket(&self) -> Option<std::net::TcpListener> {
+        self.endpoint.as_ref()?.0.try_clone().ok()
     }
 
     /// A handle on the access log, if it is on.

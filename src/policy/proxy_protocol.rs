@@ -208,6 +208,12 @@ impl HeaderReader {
         self.buf.len()
     }
 
+    /// Takes the bytes of an incomplete header out (to move the connection
+    /// to another process, where a new reader is fed them again).
+    pub fn take_buffered(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
+
     /// Feeds newly read bytes; `Ok(Some((header, rest_start)))` once complete, where
     /// `bytes[rest_start..]` are the client's first protocol bytes (must be answered).
     /// `Ok(None)`: all of `bytes` was header, more is needed.

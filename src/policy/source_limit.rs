@@ -96,6 +96,21 @@ impl SourceLimits {
         })
     }
 
+    /// Counts one more connection from `ip` even past the limit: a
+    /// connection that moved from another process (an upgrade) is
+    /// connected already; new ones wait until its source is below the
+    /// limit again.
+    pub fn acquire_forced(self: &Arc<Self>, ip: IpAddr) -> SourcePermit {
+        if self.limit() == 0 {
+            return SourcePermit { held: None };
+        }
+        let key = SourceKey::of(ip);
+        *self.lock().entry(key).or_insert(0) += 1;
+        SourcePermit {
+            held: Some((Arc::clone(self), key)),
+        }
+    }
+
     /// Open connections counted for `ip`'s source (0 when untracked).
     pub fn count(&self, ip: IpAddr) -> usize {
         self.lock().get(&SourceKey::of(ip)).copied().unwrap_or(0)

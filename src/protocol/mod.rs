@@ -178,6 +178,22 @@ impl LineReverser {
         1
     }
 
+    /// A reverser that resumes a stream whose unterminated line so far is
+    /// `partial` (a connection moved from another process): the same as
+    /// [`Self::new`] fed those bytes. `partial` is at most `max_line` bytes
+    /// and holds no LF.
+    pub fn resume(max_line: usize, partial: Vec<u8>) -> Self {
+        let mut r = Self::new(max_line);
+        debug_assert!(partial.len() <= r.max_line && !partial.contains(&b'\n'));
+        r.partial = partial;
+        r
+    }
+
+    /// Takes the unterminated line out (to move it with its connection).
+    pub fn take_partial(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.partial)
+    }
+
     /// Bytes of the unterminated line currently held.
     pub fn pending(&self) -> usize {
         self.partial.len()

@@ -216,6 +216,20 @@ impl WorkerMetrics {
         self.block.open.sub(1);
     }
 
+    /// An open connection moved to another process (an upgrade): it is no
+    /// longer open here, and did not end.
+    #[inline]
+    pub fn handed_over(&self) {
+        self.block.open.sub(1);
+    }
+
+    /// A connection moved here from another process: open, not accepted
+    /// here (that process counted its accept).
+    #[inline]
+    pub fn adopted(&self) {
+        self.block.open.add(1);
+    }
+
     /// `n` replies were queued (lines and overlong segments).
     #[inline]
     pub fn lines(&self, n: u64) {
@@ -279,6 +293,8 @@ pub struct Metrics {
     pub(super) reloads_ok: AtomicU64,
     pub(super) reloads_failed: AtomicU64,
     pub(super) access_log_dropped: Arc<AtomicU64>,
+    /// An old process's `_total` values, added at render (an upgrade).
+    pub(super) carried: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Metrics {
@@ -290,6 +306,7 @@ impl Metrics {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             access_log_dropped: Arc::new(AtomicU64::new(0)),
+            carried: Mutex::default(),
         })
     }
 

@@ -20,7 +20,7 @@ impl Metrics {
         let mut out = Exposition(String::with_capacity(4096));
         self.render_xps(&mut out);
         render_process(&ProcessStats::read(), &mut out);
-        out.0
+        self.add_carried(out.0)
     }
 
     /// The xps series (everything but the process series).

@@ -12,6 +12,7 @@
 //! The endpoint that serves it is [`crate::observe::http`]. The design, and
 //! why: `docs/metrics.md`.
 
+mod carried;
 mod counters;
 mod exposition;
 mod procfs;
