@@ -700,6 +700,57 @@ fn a_moved_connection_keeps_its_time_left_and_gets_one_access_log_record() {
     );
 }
 
+/// A "new binary" that speaks the envelope and, on `Commit`, shuts its
+/// read side before it says `Accepting`: the old process's first batch
+/// then fails (EPIPE) with every connection still its own.
+const DIES_AFTER_COMMIT: &str = r#"#!/usr/bin/env python3
+import os, socket, struct, time
+s = socket.socket(fileno=int(os.environ["XPS_UPGRADE_FD"]))
+def frame():
+    size, kind = struct.unpack("<IH", s.recv(8, socket.MSG_WAITALL)[:6])
+    if size:
+        s.recvmsg(size, socket.CMSG_SPACE(253 * 4), socket.MSG_WAITALL)
+    return kind
+assert frame() == 1                                      # Hello
+s.sendall(struct.pack("<IHHIHH", 8, 2, 0, os.getpid(), 1, 1))  # Ready, reads v1
+assert frame() == 4                                      # Commit
+s.shutdown(socket.SHUT_RD)
+s.sendall(struct.pack("<IHH", 0, 8, 0))                  # Accepting
+time.sleep(60)
+"#;
+
+#[test]
+fn a_new_process_that_fails_during_the_hand_over_leaves_the_old_one_serving() {
+    if Command::new("python3").arg("-c").arg("").status().is_err() {
+        eprintln!("SKIPPED: no python3 for the fake new binary");
+        return;
+    }
+    let mut up = Up::start(&["--workers", "2", "--listen", "127.0.0.1:0"], 1, &[]);
+    let first = up.current;
+    let mut clients: Vec<TcpStream> = (0..6).map(|_| connect(up.port(0))).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        ping(c, &format!("client {i}"));
+        c.write_all(b"half a li").unwrap();
+    }
+    thread::sleep(Duration::from_millis(100));
+    up.install(DIES_AFTER_COMMIT.as_bytes());
+    up.sigusr2();
+    up.wait_log("failed during the hand-over (writing to it failed: Broken pipe");
+    up.wait_log("0 connection(s) written to it went with it, the others are served here again; still serving");
+    assert_eq!(read_pid(&up.pid_file), Some(first));
+    // Every client is served by the old process, its line intact.
+    for c in clients.iter_mut() {
+        c.write_all(b"ne\n").unwrap();
+        assert_eq!(read_exact_n(c, 12), b"enil a flah\n");
+    }
+    ping(&mut connect(up.port(0)), "a new client");
+    // And a later SIGUSR2 upgrades, with those clients.
+    up.upgrade();
+    for (i, c) in clients.iter_mut().enumerate() {
+        ping(c, &format!("client {i} after"));
+    }
+}
+
 /// The notify socket this test owns.
 struct Notify {
     sock: UnixDatagram,

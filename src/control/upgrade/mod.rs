@@ -9,6 +9,7 @@
 //!                                          names, binds the others
 //!  ◀─────────────────────────── Ready ───  (or exits / Fail: rollback)
 //!  ── Commit ──────────────────────────▶  starts its workers: accepting
+//!  ◀─────────────────────── Accepting ───
 //!  workers stop accepting, move their
 //!  connections out a slice per turn
 //!  ── Batch (≤ 253 sockets each) … ────▶  workers take them in
@@ -22,7 +23,11 @@
 //!
 //! The new process never accepts before `Commit`, so a rollback before it
 //! loses nothing: the old process kills it (if it is still there), logs why
-//! and goes on serving; nothing it had was touched. The channel
+//! and goes on serving; nothing it had was touched. Nor does the old process
+//! close or move anything before `Accepting`: a new process that dies on
+//! `Commit` takes only the clients it accepted itself. One that dies while
+//! connections move takes those already written to it; the old process
+//! serves its listeners again and keeps the rest. The channel
 //! (`channel.rs`) is a socketpair whose child end is the only descriptor
 //! the new process inherits; the format (`wire.rs`) is versioned, and a new
 //! binary that cannot read the old one's connections gets the listeners
@@ -304,6 +309,17 @@ struct Group {
 /// Why an upgrade stopped before the new process accepted.
 struct Rollback(String);
 
+/// A hand-over that failed halfway: the batches not written, where the
+/// workers send the rest until they stop, and why.
+struct HalfWay {
+    /// Connections written to the new process (gone with it).
+    written: u64,
+    kept: Vec<Outbound>,
+    rx: Receiver<Outbound>,
+    in_flight: Arc<AtomicUsize>,
+    why: String,
+}
+
 /// The new process, from spawn on.
 struct NewProcess {
     child: Child,
@@ -412,10 +428,19 @@ impl Job {
                 crate::os_reason(&e)
             ));
         }
+        // Nothing is closed or moved before the new process is seen alive
+        // and accepting.
+        if let Err(why) = wait_accepting(&mut new.chan) {
+            let status = new.end();
+            return self.rolled_back(&format!(
+                "pid {} failed after it began accepting ({why}; {status}): the clients it accepted went with it",
+                ready.pid
+            ));
+        }
         let moved = match connections {
             true => match self.hand_over(&mut new) {
                 Ok(n) => n,
-                Err((kept, why)) => return self.failed_halfway(new, groups, kept, &why),
+                Err(h) => return self.failed_halfway(new, groups, h),
             },
             false => 0,
         };
@@ -597,9 +622,8 @@ impl Job {
     }
 
     /// Tells every worker to move its connections out, and writes their
-    /// batches to the new process. Returns how many moved, or on a failure
-    /// the batches not written and why.
-    fn hand_over(&self, new: &mut NewProcess) -> Result<u64, (Vec<Outbound>, String)> {
+    /// batches to the new process. Returns how many moved.
+    fn hand_over(&self, new: &mut NewProcess) -> Result<u64, HalfWay> {
         let (sinks, rx, in_flight) = Sink::for_workers(self.workers.len());
         for (link, sink) in self.workers.iter().zip(sinks) {
             if link.tx.send(Control::HandOver(sink)).is_ok() {
@@ -612,7 +636,15 @@ impl Job {
         while done < self.workers.len() {
             let msg = match rx.recv_timeout(WORKER_ANSWER) {
                 Ok(m) => m,
-                Err(_) => return Err((Vec::new(), "a worker stopped handing over".to_string())),
+                Err(_) => {
+                    return Err(HalfWay {
+                        written: moved,
+                        kept: Vec::new(),
+                        rx,
+                        in_flight,
+                        why: "a worker stopped handing over".to_string(),
+                    });
+                }
             };
             match msg {
                 Outbound::Done { .. } => done += 1,
@@ -620,12 +652,13 @@ impl Job {
                     match write_batch(&new.chan, worker, &conns, &in_flight) {
                         Ok(()) => moved += conns.len() as u64, // our copies close here
                         Err(e) => {
-                            let mut kept = vec![Outbound::Batch { worker, conns }];
-                            kept.extend(drain(&rx, &in_flight));
-                            return Err((
-                                kept,
-                                format!("writing to it failed: {}", crate::os_reason(&e)),
-                            ));
+                            return Err(HalfWay {
+                                written: moved,
+                                kept: vec![Outbound::Batch { worker, conns }],
+                                rx,
+                                in_flight,
+                                why: format!("writing to it failed: {}", crate::os_reason(&e)),
+                            });
                         }
                     }
                 }
@@ -637,13 +670,14 @@ impl Job {
     /// The hand-over failed after the new process accepted: every worker
     /// serves its own listeners again and takes back the connections not
     /// written yet; those written are the new process's (lost with it).
-    fn failed_halfway(
-        &self,
-        new: NewProcess,
-        groups: Vec<Group>,
-        mut kept: Vec<Outbound>,
-        why: &str,
-    ) {
+    fn failed_halfway(&self, new: NewProcess, groups: Vec<Group>, h: HalfWay) {
+        let HalfWay {
+            written,
+            mut kept,
+            rx,
+            in_flight,
+            why,
+        } = h;
         let pid = new.pid();
         let status = new.end();
         let mut per_worker: Vec<Vec<Listener>> =
@@ -669,22 +703,21 @@ impl Job {
         for _ in 0..asked {
             let _ = acks.recv_timeout(WORKER_ANSWER);
         }
-        // Once every worker stopped moving, nothing more comes in.
-        let mut back = 0;
+        // Every worker has stopped moving: what they sent until then is
+        // all there is.
+        kept.extend(drain(&rx, &in_flight));
         for msg in kept.drain(..) {
-            if let Outbound::Batch { worker, conns } = msg {
-                back += conns.len();
-                if let Some(link) = self.workers.get(worker)
-                    && link.tx.send(Control::Adopt(conns)).is_ok()
-                {
-                    let _ = link.waker.wake();
-                }
+            if let Outbound::Batch { worker, conns } = msg
+                && let Some(link) = self.workers.get(worker)
+                && link.tx.send(Control::Adopt(conns)).is_ok()
+            {
+                let _ = link.waker.wake();
             }
         }
         xps_log!(
             Level::Error,
             SOURCE,
-            "pid {pid} failed during the hand-over ({why}; {status}): the connections it took went with it, {back} not sent yet are served here again; still serving"
+            "pid {pid} failed during the hand-over ({why}; {status}): {written} connection(s) written to it went with it, the others are served here again; still serving"
         );
         self.notifier
             .ready_with_status("upgrade failed; still serving");
@@ -757,6 +790,19 @@ impl Job {
         self.notifier
             .ready_with_status("upgrade failed; still serving");
         self.state.lock().phase = Phase::Idle;
+    }
+}
+
+/// Waits for the new process's `Accepting`.
+fn wait_accepting(chan: &mut Channel) -> Result<(), String> {
+    match chan.recv(Some(Instant::now() + READY_WITHIN)) {
+        Ok(Some(Frame { kind, .. })) if kind == Kind::Accepting as u16 => Ok(()),
+        Ok(Some(Frame { kind, payload, .. })) if kind == Kind::Fail as u16 => {
+            Err(wire::read_fail(&payload).unwrap_or_else(|e| e))
+        }
+        Ok(Some(Frame { kind, .. })) => Err(format!("frame {kind} instead of Accepting")),
+        Ok(None) => Err("it exited".to_string()),
+        Err(e) => Err(crate::os_reason(&e)),
     }
 }
 

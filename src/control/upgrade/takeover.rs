@@ -379,6 +379,9 @@ impl TakeOver {
 
     fn run(mut self, mut f: Finisher) {
         let old = self.hello.pid;
+        // Started after `Commit`, just before the workers: the old process
+        // moves nothing until it hears this.
+        let _ = self.chan.send(Kind::Accepting as u16, &[], &[]);
         let mut moved = 0usize;
         let mut done = false;
         loop {

@@ -11,8 +11,8 @@
 //! Two layers, two version numbers:
 //! * the **envelope** ([`ENVELOPE`]), frozen: the frame header
 //!   (`channel.rs`), [`Hello`] (which also lists the listening sockets),
-//!   [`Ready`], [`Fail`], [`Commit`] and `Bye`. Every xps reads it, so a new
-//!   binary always takes the listeners over;
+//!   [`Ready`], [`Fail`], [`Commit`], `Accepting` and `Bye`. Every xps reads
+//!   it, so a new binary always takes the listeners over;
 //! * the **state** ([`STATE`]): [`Kind::Batch`] (moved connections) and
 //!   [`Done`] (counters). The new process says which state versions it
 //!   reads ([`Ready::reads`]); when it cannot read the old one's, the old
@@ -60,6 +60,9 @@ pub enum Kind {
     Done = 6,
     /// New → old: the pid file is ours; exit (envelope).
     Bye = 7,
+    /// New → old: `Commit` received, its workers start: alive and
+    /// accepting (envelope). Nothing leaves the old process before it.
+    Accepting = 8,
 }
 
 impl Kind {
@@ -73,6 +76,7 @@ impl Kind {
             5 => Kind::Batch,
             6 => Kind::Done,
             7 => Kind::Bye,
+            8 => Kind::Accepting,
             _ => return None,
         })
     }
