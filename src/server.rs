@@ -230,6 +230,8 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
                     )));
                 }
             }
+            // Before the workers accept anyone.
+            let held = t.hold_slots(&slots);
             let finisher = Finisher {
                 workers: links,
                 metrics: observers.metrics.clone(),
@@ -238,6 +240,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
                 notifier: notifier.clone(),
                 state: state.clone(),
                 listeners: t.listeners_taken(),
+                held,
             };
             t.finish(finisher)
                 .map_err(|e| fatal("spawn take-over thread", e))?;

@@ -553,6 +553,77 @@ fn a_changed_config_takes_effect_and_counters_do_not_reset() {
 }
 
 #[test]
+fn a_bad_config_on_disk_is_rolled_back() {
+    let port = free_port();
+    let good = format!(r#"{{"servers":[{{"listeners":[{{"host":"127.0.0.1","port":{port}}}]}}]}}"#);
+    let file = temp_file("xps_config.json", &good);
+    let mut up = Up::start(&[file.to_str().unwrap()], 1, &[]);
+    let first = up.current;
+    let mut client = connect(port);
+    ping(&mut client, "before");
+    std::fs::write(&file, "{ not json").unwrap();
+    up.install_real();
+    up.sigusr2();
+    // The new process says why on the shared stderr and exits 2.
+    up.wait_log("exited before it was ready (exit status: 2); still serving");
+    up.wait_log("line 1:3");
+    assert_eq!(read_pid(&up.pid_file), Some(first));
+    ping(&mut client, "after");
+    // Fixed: the next SIGUSR2 upgrades.
+    std::fs::write(&file, good).unwrap();
+    up.upgrade();
+    ping(&mut client, "upgraded");
+}
+
+#[test]
+fn max_connections_bounds_the_moved_and_the_new_together() {
+    let mut up = Up::start(
+        &["--listen", "127.0.0.1:0", "--max-connections", "3"],
+        1,
+        &[],
+    );
+    let mut served: Vec<TcpStream> = (0..3).map(|_| connect(up.port(0))).collect();
+    for (i, s) in served.iter_mut().enumerate() {
+        ping(s, &format!("served {i}"));
+    }
+    // At the cap: these wait in the backlog.
+    let mut waiting: Vec<TcpStream> = (0..2).map(|_| connect(up.port(0))).collect();
+    for s in waiting.iter_mut() {
+        s.write_all(b"waiting\n").unwrap();
+    }
+    up.upgrade();
+    up.wait_log("took over 1 listener(s) and 3 connection(s)");
+    // Still at the cap in the new process: no reply for the waiting ones.
+    for s in waiting.iter_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        assert!(s.read(&mut b).is_err(), "served past --max-connections");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    }
+    // A moved client leaves: one waiting client gets its slot.
+    drop(served.pop());
+    let got = thread::scope(|t| {
+        let handles: Vec<_> = waiting
+            .iter_mut()
+            .map(|s| {
+                t.spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let mut b = [0u8; 8];
+                    s.read_exact(&mut b).is_ok_and(|()| &b == b"gnitiaw\n")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count()
+    });
+    assert_eq!(got, 1, "one slot freed, one client served");
+}
+
+#[test]
 fn two_sigusr2_50ms_apart_make_one_new_process() {
     let mut up = Up::start(&["--listen", "127.0.0.1:0"], 1, &[]);
     let old = up.current;

@@ -158,6 +158,14 @@ pub(super) struct Moving {
     adopt: VecDeque<Moved>,
 }
 
+impl Moving {
+    /// Nothing moves (every turn but an upgrade's asks only this).
+    #[inline(always)]
+    fn idle(&self) -> bool {
+        self.export.is_none() && self.adopt.is_empty()
+    }
+}
+
 impl<H: Hooks> Core<H> {
     /// Copies of this worker's listening sockets (to pass to a new
     /// process, or to serve again if it fails).
@@ -226,7 +234,16 @@ impl<H: Hooks> Core<H> {
 
     /// Step 0b: takes in a slice of moved connections, and moves a slice
     /// out.
+    #[inline(always)]
     pub(super) fn step_moving(&mut self) {
+        if !self.moving.idle() {
+            self.move_slice();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn move_slice(&mut self) {
         for _ in 0..ADOPT_SLICE {
             let Some(m) = self.moving.adopt.pop_front() else {
                 break;
@@ -368,7 +385,11 @@ impl<H: Hooks> Core<H> {
 
     /// When the loop must wake for the hand-over: now while connections
     /// wait to be taken in or out, soon while the control thread is behind.
+    #[inline(always)]
     pub(super) fn moving_wake(&self) -> Option<Instant> {
+        if self.moving.idle() {
+            return None;
+        }
         let now = self.clock.now;
         if !self.moving.adopt.is_empty() {
             return Some(now);

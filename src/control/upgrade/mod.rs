@@ -786,10 +786,19 @@ impl Job {
 
     /// Logs why the upgrade stopped and goes back to serving.
     fn rolled_back(&self, why: &str) {
+        let stopping = {
+            let mut s = self.state.lock();
+            s.phase = Phase::Idle;
+            s.abort
+        };
+        if stopping {
+            // A SIGTERM gave it up: the shutdown goes on (STOPPING=1 sent).
+            xps_log!(Level::Warning, SOURCE, "upgrade given up: {why}");
+            return;
+        }
         xps_log!(Level::Error, SOURCE, "upgrade failed: {why}; still serving");
         self.notifier
             .ready_with_status("upgrade failed; still serving");
-        self.state.lock().phase = Phase::Idle;
     }
 }
 

@@ -91,6 +91,9 @@ pub struct Finisher {
     pub state: Arc<State>,
     /// Listeners that took the old process's sockets.
     pub listeners: usize,
+    /// The `--max-connections` slots: held for the connections on their
+    /// way ([`TakeOver::hold_slots`]), given back as they arrive.
+    pub held: Vec<crate::slots::Slot>,
 }
 
 impl TakeOver {
@@ -367,6 +370,16 @@ impl TakeOver {
         }
     }
 
+    /// Slots for the connections the old process is about to move, taken
+    /// before this process accepts anyone: `--max-connections` bounds the
+    /// moved and the newly accepted together (clients waiting in the
+    /// backlog would otherwise fill the cap before the moved ones arrive).
+    pub fn hold_slots(&self, slots: &Arc<crate::slots::Slots>) -> Vec<crate::slots::Slot> {
+        (0..self.hello.connections)
+            .map(|_| slots.acquire_forced())
+            .collect()
+    }
+
     /// Takes the moved connections in (each to old worker *w* mod the
     /// workers here) and, at `Done`, the counters; then serves the metrics,
     /// writes the pid file, says `Bye`, and once the old process is gone
@@ -402,6 +415,9 @@ impl TakeOver {
                 Some(Kind::Batch) => match wire::read_batch(&frame.payload, frame.fds) {
                     Ok((w, conns)) => {
                         moved += conns.len();
+                        // Each takes its own slot as it is taken in.
+                        let n = f.held.len().saturating_sub(conns.len());
+                        f.held.truncate(n);
                         let link = &f.workers[w % f.workers.len()];
                         if link.tx.send(Control::Adopt(conns)).is_ok() {
                             let _ = link.waker.wake();
@@ -453,6 +469,7 @@ impl TakeOver {
     /// Everything is here: metrics, pid file, log; SIGUSR2 and SIGHUP act
     /// again.
     fn taken_over(&self, f: &mut Finisher, moved: usize) {
+        f.held.clear();
         if let Some(d) = f.deferred.take()
             && let Err(e) = d.serve()
         {
