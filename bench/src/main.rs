@@ -10,6 +10,9 @@
 //!   connections/s and connect → reply latency.
 //! * `idle`: open C connections (at most `--max-connecting` at once), verify
 //!   each with one round trip, hold them, verify again; RSS per connection.
+//! * `upgrade`: C idle and `--busy` ping-ponging connections and a 5 ms
+//!   pinger while the server at `--pid-file` upgrades its binary (SIGUSR2);
+//!   ms to the old process's exit and the longest waits for replies.
 //!
 //! Prints one JSON line on stdout. Exits 1 on any wrong reply or connection
 //! error, 2 on bad arguments.
@@ -21,6 +24,7 @@ mod pattern;
 mod report;
 mod stream;
 mod sys;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -34,6 +38,7 @@ pub enum Mode {
     Bulk,
     Churn,
     Idle,
+    Upgrade,
 }
 
 impl Mode {
@@ -43,6 +48,7 @@ impl Mode {
             Mode::Bulk => "bulk",
             Mode::Churn => "churn",
             Mode::Idle => "idle",
+            Mode::Upgrade => "upgrade",
         }
     }
 }
@@ -109,9 +115,16 @@ pub struct Args {
     /// a server's `--listen-proxy` listener).
     #[arg(long)]
     pub proxy_v2: bool,
-    /// idle: bound in seconds on the connect phase and on the final check.
+    /// idle: bound in seconds on the connect phase and on the final check
+    /// (upgrade: on the old process's exit, and on each reply).
     #[arg(long, default_value_t = 60.0)]
     pub timeout: f64,
+    /// upgrade: connections that ping-pong lines back to back meanwhile.
+    #[arg(long, default_value_t = 0)]
+    pub busy: usize,
+    /// upgrade: the server's --pid-file (whose pid gets SIGUSR2).
+    #[arg(long)]
+    pub pid_file: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -134,7 +147,7 @@ fn main() -> ExitCode {
         eprintln!("xps-bench: only loopback targets are allowed, not {a}");
         return ExitCode::from(2);
     }
-    if args.conns == 0 || args.pipeline == 0 || args.size() == 0 {
+    if (args.conns == 0 && args.mode != Mode::Upgrade) || args.pipeline == 0 || args.size() == 0 {
         eprintln!("xps-bench: --conns, --pipeline and --size must be at least 1");
         return ExitCode::from(2);
     }
@@ -153,6 +166,7 @@ fn main() -> ExitCode {
         Mode::Lines | Mode::Bulk => stream::run(&args),
         Mode::Churn => churn::run(&args),
         Mode::Idle => idle::run(&args),
+        Mode::Upgrade => return upgrade::main(&args),
     };
     let rep = match result {
         Ok(r) => r,
