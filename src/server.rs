@@ -21,7 +21,7 @@ use crate::config::{Cli, Settings};
 use crate::control::reload::{Reloader, Running, WorkerLink};
 use crate::control::signals::{self, Stopper};
 use crate::control::systemd::{self, Notifier};
-use crate::core::{Core, Shared, Target};
+use crate::core::{Control, Core, Shared, Target};
 use crate::event_loop::EventLoop;
 use crate::features::{Admission, Features};
 use crate::network::listener::{self, ListenError};
@@ -144,6 +144,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
+    observers.connect_workers(|| snapshot_askers(&links));
     // Every listener of every worker is open: now say so.
     listener::log_listening(&open.bound, "main()");
     let slots = shared.slots.clone();
@@ -198,6 +199,19 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
             Ok(())
         }
     }
+}
+
+/// How `/api/connections` asks each worker for a snapshot of its
+/// connections: a control message, then a wake-up.
+fn snapshot_askers(links: &[WorkerLink]) -> Vec<observe::status::Asker> {
+    links
+        .iter()
+        .map(|l| {
+            let (tx, waker) = (l.tx.clone(), l.waker.clone());
+            Box::new(move |reply| tx.send(Control::Snapshot(reply)).is_ok() && waker.wake().is_ok())
+                as observe::status::Asker
+        })
+        .collect()
 }
 
 /// systemd's STATUS= text.

@@ -176,7 +176,11 @@ fn promtool_accepts(text: &str) {
 fn the_endpoint_answers_404_and_400_and_survives_a_flood() {
     let server = Server::start_n(1, &["--metrics", "127.0.0.1:0"]);
     let mport = server.metrics_port();
-    let (status, _) = http(mport, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+    // The endpoint keeps connections alive (SPEC §8): this one asks to close.
+    let (status, _) = http(
+        mport,
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
     assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     let (status, _) = http(mport, b"garbage\r\n\r\n");
     assert!(status.starts_with("HTTP/1.1 400"), "{status}");

@@ -1,6 +1,7 @@
 //! What another thread may ask of a running worker, delivered through a
 //! channel and the worker's waker, and applied at the start of
-//! `after_events`. Today: a reload (SIGHUP).
+//! `after_events`: a reload (SIGHUP), a snapshot of the connections
+//! (`/api/connections`).
 
 use std::net::SocketAddr;
 use std::sync::mpsc::Sender;
@@ -16,6 +17,8 @@ use crate::xps_log;
 pub enum Control<H: Hooks> {
     /// Apply a reloaded configuration.
     Reconfigure(Reconfigure<H::Update>),
+    /// Describe every connection and listener to this callback (once).
+    Snapshot(crate::core::snapshot::Reply),
 }
 
 /// A worker's share of a reload.
@@ -46,6 +49,7 @@ impl<H: Hooks> Core<H> {
         for msg in msgs {
             match msg {
                 Control::Reconfigure(r) => self.reconfigure(r),
+                Control::Snapshot(reply) => reply(self.snapshot()),
             }
         }
     }

@@ -1,15 +1,20 @@
-//! Beyond Stage 6: what lets an operator see inside the server (SPEC §5).
+//! Beyond Stage 6: what lets an operator see inside the server (SPEC §5, §8).
 //!
 //! * [`metrics`]: per-worker counters that cost the line path no lock and no
 //!   shared cache line, summed by a scrape thread into the Prometheus text
-//!   format, which [`http`] serves behind `--metrics HOST:PORT`.
+//!   format, which [`http`] serves behind `--metrics HOST:PORT`, with the
+//!   eXpServer dashboard's [`api`], the open [`connections`] and the status
+//!   page, all put together by [`status`].
 //! * [`access_log`]: one JSON line per connection that ends, written by a
 //!   dedicated thread so the event loop never waits for the disk.
 //!
 //! [`open`] starts what the settings ask for, before any worker runs.
 pub mod access_log;
+pub mod api;
+pub mod connections;
 pub mod http;
 pub mod metrics;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -19,11 +24,14 @@ use crate::utils::logger::Level;
 use crate::xps_log;
 use access_log::{AccessLog, AccessLogWriter};
 use metrics::{Metrics, WorkerMetrics};
+use status::{Asker, Observed};
 
 /// What observes the server, each part only if configured.
 pub struct Observers {
-    /// The metrics registry (its HTTP endpoint runs on threads of its own).
+    /// The metrics registry (its HTTP endpoint runs on a thread of its own).
     pub metrics: Option<Arc<Metrics>>,
+    /// What the endpoint shows, with metrics on.
+    status: Option<Arc<Observed>>,
     /// The access log's handle for the workers, and its writer thread.
     log: Option<(AccessLog, AccessLogWriter)>,
 }
@@ -39,8 +47,9 @@ pub enum OpenError {
 
 /// Opens the metrics endpoint and the access log the settings ask for.
 pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
-    let metrics = match &settings.metrics {
-        None => None,
+    let started = std::time::Instant::now();
+    let (metrics, status) = match &settings.metrics {
+        None => (None, None),
         Some(addr) => {
             let at = listener::resolve(addr).map_err(OpenError::Listen)?;
             let socket = std::net::TcpListener::bind(at).map_err(|e| {
@@ -51,11 +60,13 @@ pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
             })?;
             let local = socket.local_addr().unwrap_or(at);
             let metrics = Metrics::new(settings.workers);
-            http::serve(socket, metrics.clone()).map_err(|e| {
+            let status = Observed::new(metrics.clone(), started);
+            http::serve(socket, status.clone(), http::Limits::default()).map_err(|e| {
                 OpenError::Fatal(format!("metrics thread: {}", crate::os_reason(&e)))
             })?;
             xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
-            Some(metrics)
+            xps_log!(Level::Info, "main()", "status page on http://{local}/");
+            (Some(metrics), Some(status))
         }
     };
     let log = match &settings.access_log {
@@ -73,7 +84,11 @@ pub fn open(settings: &Settings) -> Result<Observers, OpenError> {
             })?)
         }
     };
-    Ok(Observers { metrics, log })
+    Ok(Observers {
+        metrics,
+        status,
+        log,
+    })
 }
 
 impl Observers {
@@ -81,6 +96,14 @@ impl Observers {
     pub fn worker_metrics(&self, worker: usize) -> Option<(Arc<Metrics>, WorkerMetrics)> {
         let m = self.metrics.as_ref()?;
         m.take_worker(worker).map(|w| (m.clone(), w))
+    }
+
+    /// With metrics on, how `/api/connections` asks each worker (by index)
+    /// for a snapshot of its connections.
+    pub fn connect_workers(&self, askers: impl FnOnce() -> Vec<Asker>) {
+        if let Some(status) = &self.status {
+            status.connect_workers(askers());
+        }
     }
 
     /// A handle on the access log, if it is on.
