@@ -23,29 +23,6 @@ fn http(port: u16, request: &[u8]) -> (String, String) {
     )
 }
 
-/// The scripted session: 3 clients that send 2 lines and half-close, one
-/// that sends a line, reads it and resets, one that stays silent until
-/// the 1 s idle timeout. Returns when all five are closed.
-fn scripted_session(port: u16) {
-    for _ in 0..3 {
-        assert_eq!(roundtrip_half_close(port, b"abc\nhello\n"), b"cba\nolleh\n");
-    }
-    let mut r = connect(port);
-    r.write_all(b"abc\n").unwrap();
-    assert_eq!(read_exact_n(&mut r, 4), b"cba\n");
-    socket2::SockRef::from(&r)
-        .set_linger(Some(Duration::ZERO))
-        .unwrap();
-    drop(r); // RST
-    let mut idle = connect(port);
-    let mut b = [0u8; 1];
-    assert_eq!(
-        idle.read(&mut b).unwrap(),
-        0,
-        "idle client closed by the timeout"
-    );
-}
-
 fn check_session_metrics(workers: &str) {
     let server = Server::start_n(
         1,
