@@ -66,6 +66,12 @@ fn open_hostile(port: u16, slow: bool) -> Option<TcpStream> {
     Some(s)
 }
 
+/// Reopened connections per sweep (20 ms) and thread: a port scanner's
+/// pace, about 2 500 connections a second in all. Unbounded, the churn
+/// could evict a scraper that the machine's load delays between its
+/// `connect()` and its request by more than 512 accepts.
+const REOPEN_PER_SWEEP: usize = 25;
+
 /// Holds `n` connections until `stop`; see [`Hostile`].
 fn hold(port: u16, n: usize, slow: bool, stop: &AtomicBool, reopened: &AtomicU64) {
     let mut conns: Vec<Option<TcpStream>> = (0..n).map(|_| open_hostile(port, slow)).collect();
@@ -76,6 +82,7 @@ fn hold(port: u16, n: usize, slow: bool, stop: &AtomicBool, reopened: &AtomicU64
         if tick {
             last_byte = Instant::now();
         }
+        let mut budget = REOPEN_PER_SWEEP;
         for c in conns.iter_mut() {
             let alive = match c {
                 None => false,
@@ -87,7 +94,12 @@ fn hold(port: u16, n: usize, slow: bool, stop: &AtomicBool, reopened: &AtomicU64
                     Err(_) => false,
                 },
             };
-            if !alive {
+            if alive {
+                continue;
+            }
+            *c = None; // closed; reopened now or in a later sweep
+            if budget > 0 {
+                budget -= 1;
                 *c = open_hostile(port, slow);
                 reopened.fetch_add(1, Ordering::Relaxed);
             }

@@ -274,7 +274,7 @@ impl Server {
         mut http: http1::Builder,
         leave: Leave,
     ) {
-        let _leave = leave;
+        let id = leave.1; // `leave` is dropped when this task ends or is aborted
         let started = Instant::now();
         match tokio::time::timeout(self.limits.header_timeout, could_be_http(&stream)).await {
             Ok(Ok(true)) => {}
@@ -290,7 +290,6 @@ impl Server {
         http.header_read_timeout(left);
         let io = WriteTimeout::new(TokioIo::new(stream), self.limits.write_timeout);
         let this = self.clone();
-        let id = _leave.1;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
             async move {
@@ -301,6 +300,7 @@ impl Server {
             }
         });
         let _ = http.serve_connection(io, service).await;
+        drop(leave);
     }
 
     /// The answer to one request.
