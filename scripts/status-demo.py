@@ -2,7 +2,7 @@
 """A small scripted load to look at the status page with (it made
 docs/status-page.png). Start xps first:
 
-    xps -w 2 -l 127.0.0.1:8001 -l 127.0.0.1:8002 --listen-proxy 127.0.0.1:8003 \\
+    xps -w 2 -l 127.0.0.1:8001 -l 127.0.0.1:8002 --listen-proxy 127.0.0.1:8003 --idle-timeout 0 \\
         --metrics 127.0.0.1:8004
     scripts/status-demo.py [SECONDS]      # default 400
 

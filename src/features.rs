@@ -12,8 +12,8 @@
 //! | `about`         | a connection's client, listener and totals, for `/api/connections` |
 //!
 //! Each piece keeps per-connection state only when it is on: a plain idle
-//! connection with no access log and no per-source limit costs this module
-//! two pointers and a counter.
+//! connection with no access log, no metrics and no per-source limit costs
+//! this module two pointers and a counter.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
