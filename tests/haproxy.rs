@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -104,7 +104,7 @@ fn steady_client(front: u16, tag: String, run: Duration) -> (u16, usize) {
         let mut got = Vec::new();
         let mut buf = [0u8; 256];
         while got.len() < want.len() {
-            match s.read(&mut buf) {
+            match read_once(&mut s, &mut buf) {
                 Ok(0) => break,
                 Ok(k) => got.extend_from_slice(&buf[..k]),
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => break,

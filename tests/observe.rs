@@ -40,7 +40,7 @@ fn scripted_session(port: u16) {
     let mut idle = connect(port);
     let mut b = [0u8; 1];
     assert_eq!(
-        idle.read(&mut b).unwrap(),
+        read_once(&mut idle, &mut b).unwrap(),
         0,
         "idle client closed by the timeout"
     );

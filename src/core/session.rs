@@ -132,6 +132,9 @@ mod tests {
         let plain = std::mem::size_of::<Entry<()>>();
         let production = std::mem::size_of::<Entry<crate::features::Features>>();
         assert!(plain <= 160 + debug, "Entry<()> is {plain} bytes");
-        assert!(production <= 192 + debug, "Entry<Features> is {production} bytes");
+        assert!(
+            production <= 192 + debug,
+            "Entry<Features> is {production} bytes"
+        );
     }
 }

@@ -439,3 +439,17 @@ pub fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8>
     h.extend_from_slice(&block);
     h
 }
+
+/// One `read()`, retried when a signal interrupts it. A socket with a read
+/// timeout (`connect` sets one) makes `recv()` fail with EINTR, even
+/// without a signal handler, when the process is stopped and continued
+/// (signal(7)); `read_exact` and `read_to_end` retry by themselves, a bare
+/// `read` does not.
+pub fn read_once(s: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
