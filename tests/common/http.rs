@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use super::connect;
+use super::{connect, read_once};
 
 /// One answer: its status code, its head as sent, its body.
 #[derive(Debug)]
@@ -41,7 +41,7 @@ pub fn read_answer(s: &mut TcpStream, head_only: bool) -> Answer {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte) {
+        match read_once(s, &mut byte) {
             Ok(1) => buf.push(byte[0]),
             other => panic!(
                 "no complete head ({other:?}) after {:?}",

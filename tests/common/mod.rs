@@ -443,6 +443,20 @@ pub fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8>
     h
 }
 
+/// One `read()`, retried when a signal interrupts it. A socket with a read
+/// timeout (`connect` sets one) makes `recv()` fail with EINTR, even
+/// without a signal handler, when the process is stopped and continued
+/// (signal(7)); `read_exact` and `read_to_end` retry by themselves, a bare
+/// `read` does not.
+pub fn read_once(s: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
 /// The scripted session of the metrics tests: 3 clients that send 2 lines
 /// and half-close, one that sends a line, reads it and resets, one that
 /// stays silent until a 1 s idle timeout (`--idle-timeout 1`). Returns when
@@ -462,7 +476,7 @@ pub fn scripted_session(port: u16) {
     let mut idle = connect(port);
     let mut b = [0u8; 1];
     assert_eq!(
-        idle.read(&mut b).unwrap(),
+        read_once(&mut idle, &mut b).unwrap(),
         0,
         "idle client closed by the timeout"
     );
