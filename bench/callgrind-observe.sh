@@ -24,15 +24,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/tmp/cg-observe}
-REPS=${REPS:-3}
-SECS=${SECS:-4}
-MODES=${MODES:-lines churn}
-XPS=target/release/xps
-BENCH=target/release/xps-bench
-mkdir -p "$OUT"
-command -v valgrind >/dev/null || { echo "callgrind-observe.sh: valgrind is required" >&2; exit 1; }
-
 . bench/callgrind-run.sh
+cg_defaults callgrind-observe.sh
 
 # run VARIANT MODE SECONDS REP: one server under callgrind, one load (or, for
 # MODE idle, none); appends "variant mode rep Ir ops" to $OUT/runs.txt.

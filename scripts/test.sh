@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: installs the real peers the tests use when they are
 # missing (Debian packages: systemd for systemd-socket-activate and
-# systemd-analyze, prometheus for promtool, haproxy for tests/haproxy.rs), then
-# runs cargo test.
+# systemd-analyze, prometheus for promtool, haproxy for tests/haproxy.rs,
+# chromium for the headless-browser test of the status page,
+# tests/status_page.rs), then runs cargo test.
 # Tests whose peer could not be installed say SKIPPED loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ need=()
 command -v systemd-socket-activate >/dev/null 2>&1 || need+=(systemd)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} (Debian packages the tests use as real peers)"
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -9,17 +9,18 @@
 //! | `on_pass`       | per-turn totals for the metrics; the access log's per-connection totals; the bytes held |
 //! | `on_close`      | the close counters and the access-log record               |
 //! | `on_turn`       | one metrics update and one access-log batch per turn; the budget published |
+//! | `about`         | a connection's client, listener and totals, for `/api/connections` |
 //!
 //! Each piece keeps per-connection state only when it is on: a plain idle
-//! connection with no access log and no per-source limit costs this module
-//! two pointers and a counter.
+//! connection with no access log, no metrics and no per-source limit costs
+//! this module two pointers and a counter.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{ListenAddr, Settings};
-use crate::core::hooks::{Carried, Hooks, PrefaceEnd, PrefaceStep, Verdict};
+use crate::core::hooks::{About, Carried, Hooks, PrefaceEnd, PrefaceStep, Verdict};
 use crate::network::connection::{Connection, Pass};
 use crate::network::io::CloseReason;
 use crate::observe::access_log::{AccessLog, Record};
@@ -98,6 +99,9 @@ pub struct Features {
     slots: Arc<Slots>,
     /// Bytes held for this worker's clients, exact after every pass.
     held: usize,
+    /// Connections holding bytes (an unterminated line or unsent replies),
+    /// exact after every pass: `/api`'s `req_current`.
+    holding: usize,
     /// This turn's view of the global budget.
     budget: BudgetView,
     /// The registry (per-listener counters) and this worker's block.
@@ -138,11 +142,13 @@ pub struct ConnState {
     held: u32,
     /// Its per-source count, with a per-source limit (released on drop).
     _permit: Option<Box<SourcePermit>>,
-    /// Who it is and what moved, with the access log on.
+    /// Who it is and what moved, with the access log or the metrics on
+    /// (`/api/connections` shows it).
     report: Option<Box<Report>>,
 }
 
-/// What the access log records of a connection.
+/// What the access log records of a connection, and `/api/connections`
+/// shows.
 struct Report {
     /// The client: the TCP peer, or the PROXY header's source.
     client: SocketAddr,
@@ -188,6 +194,7 @@ impl Features {
             admission,
             slots,
             held: 0,
+            holding: 0,
             budget: BudgetView::OFF,
             metrics,
             access_log,
@@ -213,7 +220,7 @@ impl Features {
         since: Instant,
         listener: &Arc<str>,
     ) -> ConnState {
-        let report = self.access_log.is_some().then(|| {
+        let report = (self.access_log.is_some() || self.metrics.is_some()).then(|| {
             Box::new(Report {
                 client,
                 proxy,
@@ -461,12 +468,14 @@ impl Hooks for Features {
         }
         let held = conn.held();
         self.held = self.held - state.held as usize + held;
+        self.holding = self.holding - usize::from(state.held > 0) + usize::from(held > 0);
         state.held = held.min(u32::MAX as usize) as u32;
     }
 
     #[inline]
     fn on_close(&mut self, state: ConnState, reason: &CloseReason, now: Instant) {
         self.held -= state.held as usize;
+        self.holding -= usize::from(state.held > 0);
         let ended = state.report.as_deref().map(|r| Ended {
             listener: &r.listener,
             client: r.client,
@@ -495,6 +504,7 @@ impl Hooks for Features {
             for _ in 0..t.pauses {
                 m.flow_pause();
             }
+            m.holding(self.holding as u64);
         }
         // One relaxed store to this worker's own padded slot per turn.
         self.admission.budget.publish(self.worker, self.held);
@@ -588,6 +598,31 @@ impl Hooks for Features {
             header: None,
             error: None,
         }))
+    }
+
+    fn about(&self, state: &ConnState) -> About {
+        state
+            .report
+            .as_deref()
+            .map_or_else(About::default, |r| About {
+                listener: Some(r.listener.clone()),
+                client: Some(r.client),
+                proxy: r.proxy,
+                since: Some(r.since),
+                received: r.received,
+                sent: r.sent,
+                lines: r.lines,
+            })
+    }
+
+    fn about_preface(&self, p: &Box<Preface>) -> About {
+        // The client is not known before its header: the TCP peer is shown.
+        About {
+            listener: Some(p.listener.clone()),
+            client: Some(p.peer),
+            since: Some(p.since),
+            ..About::default()
+        }
     }
 }
 

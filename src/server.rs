@@ -29,7 +29,7 @@ use crate::control::systemd::{self, Notifier};
 use crate::control::upgrade::exe::Executable;
 use crate::control::upgrade::takeover::{Commit, Finisher, TakeOver};
 use crate::control::upgrade::{self, Upgrader};
-use crate::core::{Core, Shared, Target};
+use crate::core::{Control, Core, Shared, Target};
 use crate::event_loop::EventLoop;
 use crate::features::{Admission, Features};
 use crate::network::listener::{self, ListenError, OpenListeners};
@@ -159,6 +159,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         .map_err(|e| fatal("epoll_ctl(listener)", e))?;
         loops.push((event_loop, core));
     }
+    observers.connect_workers(|| snapshot_askers(&links));
     let slots = shared.slots.clone();
     let stop = shared.clone();
     let stopper = Stopper::new(shared, wakers);
@@ -321,6 +322,19 @@ fn open_listeners(settings: &Settings) -> Result<(OpenListeners, Vec<Running>, b
             .collect(),
     };
     Ok((open, running, activated_flag))
+}
+
+/// How `/api/connections` asks each worker for a snapshot of its
+/// connections: a control message, then a wake-up.
+fn snapshot_askers(links: &[WorkerLink]) -> Vec<observe::status::Asker> {
+    links
+        .iter()
+        .map(|l| {
+            let (tx, waker) = (l.tx.clone(), l.waker.clone());
+            Box::new(move |reply| tx.send(Control::Snapshot(reply)).is_ok() && waker.wake().is_ok())
+                as observe::status::Asker
+        })
+        .collect()
 }
 
 /// systemd's STATUS= text.

@@ -57,7 +57,7 @@ fn v2_raw(ver_cmd: u8, fam: u8, block: &[u8]) -> Vec<u8> {
 fn closed_unanswered(s: &mut TcpStream, within: Duration) -> bool {
     s.set_read_timeout(Some(within)).unwrap();
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
+    match read_once(s, &mut b) {
         Ok(0) => true,
         Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
         Ok(n) => panic!("refused connection got {:?}", &b[..n]),

@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -378,7 +378,7 @@ fn scenario_byte_by_byte(port: u16) {
                 s.set_read_timeout(Some(Duration::from_millis(100)))
                     .unwrap();
                 let mut buf = [0u8; 64];
-                match s.read(&mut buf) {
+                match read_once(&mut s, &mut buf) {
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                     Ok(n) => panic!(
                         "reply before the line was complete: {:?}",
@@ -706,7 +706,7 @@ fn scenario_flood(server: &mut Server, target: u64, write_deadline: Duration) {
         let mut first_mismatch: Option<u64> = None;
         let mut tail: Vec<u8> = Vec::with_capacity(2 * period);
         loop {
-            let n = r.read(&mut buf).expect("flood reply");
+            let n = read_once(&mut r, &mut buf).expect("flood reply");
             if n == 0 {
                 break;
             }
@@ -953,7 +953,7 @@ fn streaming_victim(port: u16, blob: &[u8], reset_after: usize) {
             Err(e) => panic!("victim write: {e}"),
         }
         loop {
-            match v.read(&mut sink) {
+            match read_once(&mut v, &mut sink) {
                 Ok(0) => panic!("server closed the victim"),
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,

@@ -74,7 +74,7 @@ fn a_pinging_client_is_not_delayed_by_two_bulk_streamers() {
         }));
         streamers.push(thread::spawn(move || {
             let mut buf = vec![0u8; 256 * 1024];
-            while let Ok(n) = r.read(&mut buf) {
+            while let Ok(n) = read_once(&mut r, &mut buf) {
                 if n == 0 {
                     break;
                 }
@@ -119,7 +119,7 @@ fn a_connection_accepted_after_an_idle_sleep_gets_its_whole_idle_timeout() {
     let t = Instant::now();
     let mut b = [0u8; 1];
     let r = loop {
-        match c.read(&mut b) {
+        match read_once(&mut c, &mut b) {
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             r => break r,
         }
@@ -484,7 +484,7 @@ fn a_line_dripped_byte_by_byte_is_cut_by_the_line_timeout() {
         }
         // No reply is due; a read that ends (EOF or reset) means closed.
         let mut b = [0u8; 16];
-        match c.read(&mut b) {
+        match read_once(&mut c, &mut b) {
             Ok(0) => {
                 closed = Some(t.elapsed());
                 break;
@@ -560,8 +560,7 @@ fn the_idle_timeout_spares_a_client_that_reads_slowly() {
     let mut buf = vec![0u8; 16 * 1024];
     let until = Instant::now() + Duration::from_millis(3500);
     while Instant::now() < until {
-        let n = c
-            .read(&mut buf)
+        let n = read_once(&mut c, &mut buf)
             .unwrap_or_else(|e| panic!("cut while reading slowly after {} bytes: {e}", got.len()));
         assert!(
             n > 0,

@@ -95,7 +95,7 @@ fn a_reload_changes_the_idle_timeout_for_new_connections() {
     let t = Instant::now();
     let mut b = [0u8; 1];
     assert_eq!(
-        new.read(&mut b).unwrap(),
+        read_once(&mut new, &mut b).unwrap(),
         0,
         "new connection closed by the new timeout"
     );
@@ -107,7 +107,10 @@ fn a_reload_changes_the_idle_timeout_for_new_connections() {
     // The connection accepted before the reload keeps the old (no) timeout.
     old.set_read_timeout(Some(Duration::from_millis(800)))
         .unwrap();
-    assert!(old.read(&mut b).is_err(), "the old connection was closed");
+    assert!(
+        read_once(&mut old, &mut b).is_err(),
+        "the old connection was closed"
+    );
     old.write_all(b"old\n").unwrap();
     old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(read_exact_n(&mut old, 4), b"dlo\n");
@@ -232,7 +235,7 @@ fn a_reload_changes_the_access_rules_for_new_connections() {
     let _ = new.write_all(b"hello\n");
     let mut b = [0u8; 8];
     assert!(
-        matches!(new.read(&mut b), Ok(0) | Err(_)),
+        matches!(read_once(&mut new, &mut b), Ok(0) | Err(_)),
         "a connection accepted after the reload to deny all was served"
     );
     // The one accepted before the reload is still served.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ fn assert_served(s: &mut TcpStream, line: &str) {
 fn closed_unanswered(s: &mut TcpStream) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut b = [0u8; 64];
-    match s.read(&mut b) {
+    match read_once(s, &mut b) {
         Ok(0) => true,
         Err(e) if e.kind() == ErrorKind::ConnectionReset => true,
         Ok(n) => panic!("a refused connection got {:?}", &b[..n]),

@@ -580,7 +580,7 @@ fn run_on_tty(no_color: Option<&str>) -> Option<String> {
     let reader = thread::spawn(move || {
         let mut buf = [0u8; 4096];
         // Ends with EIO (or 0) when the last slave descriptor closes.
-        while let Ok(n) = master.read(&mut buf) {
+        while let Ok(n) = read_once(&mut master, &mut buf) {
             if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
                 break;
             }

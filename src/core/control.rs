@@ -1,6 +1,7 @@
 //! What another thread may ask of a running worker, delivered through a
 //! channel and the worker's waker, and applied at the start of
-//! `after_events`: a reload (SIGHUP), and an upgrade's steps (SIGUSR2,
+//! `after_events`: a reload (SIGHUP), a snapshot of the connections
+//! (`/api/connections`), and an upgrade's steps (SIGUSR2,
 //! `core/handover.rs`).
 
 use std::net::SocketAddr;
@@ -27,6 +28,8 @@ pub enum Control<H: Hooks> {
     Resume(Vec<Listener>, Sender<()>),
     /// Connections moved here from another process.
     Adopt(Vec<Moved>),
+    /// Describe every connection and listener to this callback (once).
+    Snapshot(crate::core::snapshot::Reply),
 }
 
 /// A worker's share of a reload.
@@ -66,6 +69,7 @@ impl<H: Hooks> Core<H> {
                     let _ = done.send(());
                 }
                 Control::Adopt(conns) => self.queue_adopt(conns),
+                Control::Snapshot(reply) => reply(self.snapshot()),
             }
         }
     }

@@ -15,6 +15,7 @@
 //! feature that is off costs a connection nothing.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::ListenAddr;
@@ -110,6 +111,27 @@ pub struct Carried {
     pub preface: Vec<u8>,
 }
 
+/// What the hooks know of one connection, for a snapshot of the worker's
+/// connections (`/api/connections`): asked only when a snapshot is taken,
+/// never per line. `Default` is "nothing known".
+#[derive(Debug, Default, Clone)]
+pub struct About {
+    /// The listener it came through, as the hooks name it.
+    pub listener: Option<Arc<str>>,
+    /// The client: the TCP peer, or the address a PROXY header named.
+    pub client: Option<SocketAddr>,
+    /// On a PROXY listener, the balancer (the TCP peer).
+    pub proxy: Option<SocketAddr>,
+    /// When it was accepted.
+    pub since: Option<Instant>,
+    /// Bytes read from it (after any PROXY header).
+    pub received: u64,
+    /// Bytes written to it.
+    pub sent: u64,
+    /// Replies made to it.
+    pub lines: u64,
+}
+
 /// The points where features plug in. Every method but the accept and
 /// preface ones has a default that does nothing.
 pub trait Hooks {
@@ -203,6 +225,16 @@ pub trait Hooks {
         _now: Instant,
     ) -> Option<Self::Preface> {
         None
+    }
+
+    /// What the hooks know of a served connection, for a snapshot.
+    fn about(&self, _state: &Self::Conn) -> About {
+        About::default()
+    }
+
+    /// What the hooks know of a connection whose preface is being read.
+    fn about_preface(&self, _preface: &Self::Preface) -> About {
+        About::default()
     }
 }
 

@@ -13,7 +13,8 @@
 //! is the tutorial's server with none of them. Its parts: [`timers`] (every
 //! deadline), [`fairness`] (one pass per connection per turn; connections driven again next turn, or when
 //! their allowance grows), [`drain`] (graceful shutdown), [`session`] (a
-//! connection's preface), [`control`] (messages from the reload thread).
+//! connection's preface), [`control`] (messages from the reload thread),
+//! [`snapshot`] (the connections described, on request).
 
 pub mod control;
 pub mod drain;
@@ -21,6 +22,7 @@ pub mod fairness;
 pub mod handover;
 pub mod hooks;
 pub mod session;
+pub mod snapshot;
 pub mod timers;
 
 use std::sync::Arc;
@@ -43,7 +45,7 @@ use crate::xps_log;
 
 pub use control::{Control, Reconfigure};
 use fairness::Queue;
-pub use hooks::{Hooks, PrefaceEnd, Verdict};
+pub use hooks::{About, Hooks, PrefaceEnd, Verdict};
 use session::{Entry, Session};
 use timers::{Clock, ConnTimers, Expiry, TimeoutSecs, Timers};
 

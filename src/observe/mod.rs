@@ -1,15 +1,20 @@
-//! Beyond Stage 6: what lets an operator see inside the server (SPEC §5).
+//! Beyond Stage 6: what lets an operator see inside the server (SPEC §5, §8).
 //!
 //! * [`metrics`]: per-worker counters that cost the line path no lock and no
 //!   shared cache line, summed by a scrape thread into the Prometheus text
-//!   format, which [`http`] serves behind `--metrics HOST:PORT`.
+//!   format, which [`http`] serves behind `--metrics HOST:PORT`, with the
+//!   eXpServer dashboard's [`api`], the open [`connections`] and the status
+//!   page, all put together by [`status`].
 //! * [`access_log`]: one JSON line per connection that ends, written by a
 //!   dedicated thread so the event loop never waits for the disk.
 //!
 //! [`open`] starts what the settings ask for, before any worker runs.
 pub mod access_log;
+pub mod api;
+pub mod connections;
 pub mod http;
 pub mod metrics;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -19,11 +24,15 @@ use crate::utils::logger::Level;
 use crate::xps_log;
 use access_log::{AccessLog, AccessLogWriter};
 use metrics::{Metrics, WorkerMetrics};
+use status::{Asker, Observed};
 
 /// What observes the server, each part only if configured.
+/// What observes the server, each part only if configured.
 pub struct Observers {
-    /// The metrics registry (its HTTP endpoint runs on threads of its own).
+    /// The metrics registry (its HTTP endpoint runs on a thread of its own).
     pub metrics: Option<Arc<Metrics>>,
+    /// What the endpoint shows, with metrics on.
+    status: Option<Arc<Observed>>,
     /// A copy of the metrics endpoint's socket (for an upgrade to pass on),
     /// and the endpoint while it waits to be served.
     endpoint: Option<(std::net::TcpListener, Option<DeferredMetrics>)>,
@@ -45,13 +54,13 @@ pub enum OpenError {
 /// scrape sees a counter go down).
 pub struct DeferredMetrics {
     socket: std::net::TcpListener,
-    metrics: Arc<Metrics>,
+    status: Arc<Observed>,
 }
 
 impl DeferredMetrics {
     /// Serves it from now on.
     pub fn serve(self) -> std::io::Result<()> {
-        http::serve(self.socket, self.metrics).map(drop)
+        http::serve(self.socket, self.status, http::Limits::default()).map(drop)
     }
 }
 
@@ -68,9 +77,10 @@ pub fn open_with(
     inherited: Option<std::net::TcpListener>,
     defer: bool,
 ) -> Result<Observers, OpenError> {
+    let started = std::time::Instant::now();
     let mut endpoint = None;
-    let metrics = match &settings.metrics {
-        None => None,
+    let (metrics, status) = match &settings.metrics {
+        None => (None, None),
         Some(addr) => {
             let at = listener::resolve(addr).map_err(OpenError::Listen)?;
             let socket = match inherited {
@@ -84,12 +94,13 @@ pub fn open_with(
             };
             let local = socket.local_addr().unwrap_or(at);
             let metrics = Metrics::new(settings.workers);
+            let status = Observed::new(metrics.clone(), started);
             let copy = socket.try_clone().map_err(|e| {
                 OpenError::Fatal(format!("dup(metrics socket): {}", crate::os_reason(&e)))
             })?;
             let deferred = DeferredMetrics {
                 socket,
-                metrics: metrics.clone(),
+                status: status.clone(),
             };
             if defer {
                 endpoint = Some((copy, Some(deferred)));
@@ -100,7 +111,8 @@ pub fn open_with(
                 endpoint = Some((copy, None));
             }
             xps_log!(Level::Info, "main()", "metrics on http://{local}/metrics");
-            Some(metrics)
+            xps_log!(Level::Info, "main()", "status page on http://{local}/");
+            (Some(metrics), Some(status))
         }
     };
     let log = match &settings.access_log {
@@ -120,6 +132,7 @@ pub fn open_with(
     };
     Ok(Observers {
         metrics,
+        status,
         endpoint,
         log,
     })
@@ -140,6 +153,14 @@ impl Observers {
     /// A copy of the metrics endpoint's socket, for an upgrade to pass on.
     pub fn metrics_socket(&self) -> Option<std::net::TcpListener> {
         self.endpoint.as_ref()?.0.try_clone().ok()
+    }
+
+    /// With metrics on, how `/api/connections` asks each worker (by index)
+    /// for a snapshot of its connections.
+    pub fn connect_workers(&self, askers: impl FnOnce() -> Vec<Asker>) {
+        if let Some(status) = &self.status {
+            status.connect_workers(askers());
+        }
     }
 
     /// A handle on the access log, if it is on.

@@ -3,6 +3,9 @@
 //! talk to it, and stop it.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod browser;
+pub mod http;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -438,4 +441,43 @@ pub fn proxy_v2(src: std::net::SocketAddr, dst: std::net::SocketAddr) -> Vec<u8>
     h.extend_from_slice(&(block.len() as u16).to_be_bytes());
     h.extend_from_slice(&block);
     h
+}
+
+/// One `read()`, retried when a signal interrupts it. A socket with a read
+/// timeout (`connect` sets one) makes `recv()` fail with EINTR, even
+/// without a signal handler, when the process is stopped and continued
+/// (signal(7)); `read_exact` and `read_to_end` retry by themselves, a bare
+/// `read` does not.
+pub fn read_once(s: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// The scripted session of the metrics tests: 3 clients that send 2 lines
+/// and half-close, one that sends a line, reads it and resets, one that
+/// stays silent until a 1 s idle timeout (`--idle-timeout 1`). Returns when
+/// all five are closed: 7 lines, 34 bytes each way; 3 finished, 1 reset,
+/// 1 idle timeout.
+pub fn scripted_session(port: u16) {
+    for _ in 0..3 {
+        assert_eq!(roundtrip_half_close(port, b"abc\nhello\n"), b"cba\nolleh\n");
+    }
+    let mut r = connect(port);
+    r.write_all(b"abc\n").unwrap();
+    assert_eq!(read_exact_n(&mut r, 4), b"cba\n");
+    socket2::SockRef::from(&r)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(r); // RST
+    let mut idle = connect(port);
+    let mut b = [0u8; 1];
+    assert_eq!(
+        read_once(&mut idle, &mut b).unwrap(),
+        0,
+        "idle client closed by the timeout"
+    );
 }

@@ -752,7 +752,7 @@ impl Job {
             counters: self
                 .metrics
                 .as_ref()
-                .map(|m| m.totals())
+                .map(|m| m.total_samples())
                 .unwrap_or_default(),
         };
         let said_bye = new

@@ -3,13 +3,16 @@
 //! binary is replaced.
 //!
 //! The old process hands over its exposition's `_total` samples as text
-//! ([`Metrics::totals`]), after its last connection moved; the new one
+//! ([`Metrics::total_samples`]), after its last connection moved; the new one
 //! keeps them as a base added at render time ([`Metrics::carry_over`]):
 //! the same series (name and labels) gets the old value plus its own.
 //! Nothing changes for the workers' counting. A listener the new
 //! configuration no longer has keeps its series, with the old count.
 
 use super::counters::{ListenerCell, ListenerEntry, Metrics};
+use super::totals::Totals;
+use crate::network::io::CloseReason;
+use crate::policy::Refusal;
 
 /// The accepted counter's series for one listener starts so.
 const LISTENER_SERIES: &str = "xps_connections_accepted_total{listener=\"";
@@ -17,7 +20,7 @@ const LISTENER_SERIES: &str = "xps_connections_accepted_total{listener=\"";
 impl Metrics {
     /// Every `_total` sample of the exposition now: (series as exposed,
     /// value as exposed), in order.
-    pub fn totals(&self) -> Vec<(String, String)> {
+    pub fn total_samples(&self) -> Vec<(String, String)> {
         self.render()
             .lines()
             .filter_map(sample)
@@ -26,7 +29,7 @@ impl Metrics {
             .collect()
     }
 
-    /// Adds an old process's [`totals`](Self::totals) to every series of
+    /// Adds an old process's [`total_samples`](Self::total_samples) to every series of
     /// the same name and labels, from now on.
     pub fn carry_over(&self, base: Vec<(String, String)>) {
         let mut entries = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
@@ -48,6 +51,41 @@ impl Metrics {
         let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
         for (series, value) in base {
             carried.insert(series, value);
+        }
+    }
+
+    /// `t` (the summed counters of `/api` and the status page) with the
+    /// carried values added, so they do not reset either.
+    pub(super) fn add_carried_totals(&self, t: &mut Totals) {
+        let carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+        for (series, value) in carried.iter() {
+            let Ok(v) = value.parse::<u64>() else {
+                continue;
+            };
+            let label = |prefix: &str| {
+                series
+                    .strip_prefix(prefix)
+                    .and_then(|rest| rest.strip_suffix("\"}"))
+                    .map(str::to_owned)
+            };
+            let slot: Option<&mut u64> = match name(series) {
+                "xps_connections_accepted_total" => label(LISTENER_SERIES)
+                    .map(|addr| t.accepted_by_listener.entry(addr.into()).or_insert(0)),
+                "xps_connections_closed_total" => label("xps_connections_closed_total{reason=\"")
+                    .and_then(|r| CloseReason::LABELS.iter().position(|l| *l == r))
+                    .map(|i| &mut t.closed[i]),
+                "xps_connections_refused_total" => label("xps_connections_refused_total{reason=\"")
+                    .and_then(|r| Refusal::LABELS.iter().position(|l| *l == r))
+                    .map(|i| &mut t.refused[i]),
+                "xps_accept_errors_total" => Some(&mut t.accept_errors),
+                "xps_lines_total" => Some(&mut t.lines),
+                "xps_received_bytes_total" => Some(&mut t.received),
+                "xps_sent_bytes_total" => Some(&mut t.sent),
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                *slot = slot.wrapping_add(v);
+            }
         }
     }
 
@@ -101,7 +139,6 @@ fn add(a: &str, b: &str) -> String {
 mod tests {
     use super::super::exposition::line_of;
     use super::*;
-    use crate::network::io::CloseReason;
 
     #[test]
     fn totals_carry_over_and_gauges_do_not() {
@@ -115,7 +152,7 @@ mod tests {
         w.accepted(&gone);
         w.lines(5);
         w.closed(&CloseReason::Finished);
-        let base = old.totals();
+        let base = old.total_samples();
         assert!(base.iter().all(|(s, _)| name(s).ends_with("_total")));
         assert!(base.iter().any(|(s, v)| s == "xps_lines_total" && v == "5"));
 
@@ -143,6 +180,12 @@ mod tests {
         ] {
             assert_eq!(line_of(&text, series), format!("{series} {v}"));
         }
+        // /api's sums carry over too.
+        let t = new.totals();
+        assert_eq!(t.lines, 6);
+        assert_eq!(t.accepted(), 5);
+        assert_eq!(t.closed("finished"), 1);
+        assert_eq!(t.open, 1);
         assert_eq!(add("0.25", "1.5"), "1.75");
     }
 }

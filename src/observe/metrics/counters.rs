@@ -75,6 +75,13 @@ impl Single {
     }
 
     #[inline]
+    fn set(&self, n: u64) {
+        if self.0.load(Ordering::Relaxed) != n {
+            self.0.store(n, Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
     fn sub(&self, n: u64) {
         let v = self.0.load(Ordering::Relaxed);
         self.0.store(v.wrapping_sub(n), Ordering::Relaxed);
@@ -129,6 +136,9 @@ pub(super) struct WorkerBlock {
     pub(super) flow_pauses: Single,
     /// Access-log lines this worker dropped.
     pub(super) access_log_dropped: Single,
+    /// Connections holding bytes (an unterminated line or unsent replies)
+    /// at the end of the last turn: `/api`'s `req_current`.
+    pub(super) holding: Single,
 }
 
 /// One listener's accept count (per worker), on its own cache lines.
@@ -258,6 +268,13 @@ impl WorkerMetrics {
     #[inline]
     pub fn flow_pause(&self) {
         self.block.flow_pauses.add(1);
+    }
+
+    /// `n` of this worker's connections hold bytes (a gauge, set once per
+    /// turn; stored only when it changed).
+    #[inline]
+    pub fn holding(&self, n: u64) {
+        self.block.holding.set(n);
     }
 
     /// This worker dropped an access-log line because the writer was behind.

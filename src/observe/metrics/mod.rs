@@ -8,6 +8,8 @@
 //!   0.0.4, written by hand (a client crate speaks OpenMetrics, which
 //!   `promtool check metrics` rejects).
 //! * `procfs`: the standard `process_*` series, parsed from `/proc`.
+//! * `totals`: the same sums as plain numbers, for `/api` and the status
+//!   page.
 //!
 //! The endpoint that serves it is [`crate::observe::http`]. The design, and
 //! why: `docs/metrics.md`.
@@ -16,6 +18,9 @@ mod carried;
 mod counters;
 mod exposition;
 mod procfs;
+mod totals;
 
 pub use counters::{AcceptError, ListenerCounter, Metrics, WorkerMetrics};
 pub use exposition::CONTENT_TYPE;
+pub(crate) use procfs::{cpu_ticks, process_cpu_msec, resident_bytes, ticks_per_second};
+pub use totals::Totals;

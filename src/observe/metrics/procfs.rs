@@ -48,6 +48,33 @@ impl ProcessStats {
     }
 }
 
+/// User plus system CPU time, in clock ticks, of a process's or a thread's
+/// `stat` text (`/proc/self/stat`, `/proc/self/task/TID/stat`).
+pub(crate) fn cpu_ticks(stat: &str) -> Option<u64> {
+    parse_stat(stat).map(|s| s.utime + s.stime)
+}
+
+/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+pub(crate) fn ticks_per_second() -> Option<u64> {
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then_some(ticks as u64)
+}
+
+/// This process's CPU time (user plus system) in milliseconds, truncated.
+pub(crate) fn process_cpu_msec() -> Option<u64> {
+    let ticks = cpu_ticks(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    Some(ticks * 1000 / ticks_per_second()?)
+}
+
+/// The resident set size of this process, from `/proc/self/statm`.
+pub(crate) fn resident_bytes() -> Option<u64> {
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let pages = parse_statm_resident(&std::fs::read_to_string("/proc/self/statm").ok()?)?;
+    (page > 0).then(|| pages.saturating_mul(page as u64))
+}
+
 /// The fields of `/proc/self/stat` used here, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stat {
