@@ -550,6 +550,27 @@ fn a_changed_config_takes_effect_and_counters_do_not_reset() {
         sample(&after, "xps_received_bytes_total") > sample(&before, "xps_received_bytes_total")
     );
     assert!(closed(&after, "finished") >= 5.0);
+    // The dashboard's /api sums carry over as well.
+    let api: serde_json::Value = serde_json::from_str(&get_body(m, "/api")).unwrap();
+    assert_eq!(api["req_total"], lines as u64, "{api}");
+    assert_eq!(
+        api["conn_accepted"], 8,
+        "7 on the first listener, 1 on the added one"
+    );
+
+    // Reload × upgrade: the new process reloads the same file on SIGHUP,
+    // comparing with the listeners it took over and opened.
+    let p3 = free_port();
+    std::fs::write(&file, config(&[p1, p3], 5)).unwrap();
+    // SAFETY: kill(2) on the pid the pid file names, started by this test.
+    unsafe { libc::kill(up.current as i32, libc::SIGHUP) };
+    up.wait_log("configuration reloaded: listeners +1 -1");
+    ping(&mut connect(p3), "new"); // under max_line 5
+    ping(&mut kept, "still the same connection");
+    assert!(
+        TcpStream::connect(("127.0.0.1", p2)).is_err(),
+        "the removed listener still accepts"
+    );
 }
 
 #[test]

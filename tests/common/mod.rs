@@ -364,8 +364,14 @@ pub fn sample(text: &str, series: &str) -> f64 {
 /// The body of `GET /metrics` from the endpoint on 127.0.0.1:`port`
 /// (asserting a 200).
 pub fn scrape(port: u16) -> String {
+    get_body(port, "/metrics")
+}
+
+/// The body of `GET PATH` from the endpoint on 127.0.0.1:`port`
+/// (asserting a 200).
+pub fn get_body(port: u16, path: &str) -> String {
     let mut s = connect(port);
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
