@@ -915,3 +915,66 @@ fn systemd_hears_mainpid_after_an_upgrade_and_ready_after_a_rollback() {
     assert_eq!(read_pid(&up.pid_file), None, "removed at exit");
     up.current = up.server.pid(); // nothing left to stop
 }
+
+/// Whether some row of `/api/connections` on `mport` is in `state`.
+fn some_row_in(mport: u16, state: &str) -> bool {
+    let v: serde_json::Value = serde_json::from_str(&get_body(mport, "/api/connections")).unwrap();
+    v["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["state"] == state)
+}
+
+#[test]
+fn held_connections_move_and_the_memory_bound_holds_in_the_new_process() {
+    let mut up = Up::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--max-buffered",
+            "300000",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        1,
+        &[],
+    );
+    let (port, m) = (up.port(0), up.metrics_port());
+    // Two clients send 7.6 MB each and read nothing yet: past the bound,
+    // xps stops reading from them (held), long before their replies fill.
+    let floods: Vec<_> = (0..2)
+        .map(|i| {
+            let s = small_receive_buffer(port);
+            let (input, output) = numbered_lines(&format!("flood{i}"), 200_000);
+            let mut w = s.try_clone().unwrap();
+            (
+                s,
+                output,
+                thread::spawn(move || w.write_all(&input).unwrap()),
+            )
+        })
+        .collect();
+    wait_for(|| some_row_in(m, "held"), "a connection held by the bound");
+    let old = up.current;
+    up.upgrade();
+    up.wait_log(&format!(
+        "took over 1 listener(s) and 2 connection(s) from pid {old}"
+    ));
+    // The new process counts what they hold: held again, not read past
+    // the bound, while a client that reads is answered.
+    wait_for(
+        || some_row_in(m, "held"),
+        "a moved connection held by the new process's bound",
+    );
+    let mut reader = connect(port);
+    ping(&mut reader, "small lines still answered");
+    // Both read now: every reply, once, in order.
+    for (mut s, output, writer) in floods {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let got = read_exact_n(&mut s, output.len());
+        assert!(got == output, "a flooder's replies differ");
+        writer.join().unwrap();
+    }
+    ping(&mut reader, "and after");
+}
