@@ -265,7 +265,7 @@ fn established_clients_keep_their_connection_and_everything_owed_arrives_once() 
             s
         })
         .collect();
-    // 12.8 MB: more than loopback's socket buffers take (4 MiB of send
+    // 13.2 MB: more than loopback's socket buffers take (4 MiB of send
     // buffer, the client's receive buffer kept small), so replies wait in
     // the server too.
     let mut bulk = small_receive_buffer(plain);
@@ -320,7 +320,7 @@ fn established_clients_keep_their_connection_and_everything_owed_arrives_once() 
         .unwrap();
     assert_eq!(read_exact_n(&mut header, 4), b"yeh\n");
     ping(&mut past, "after the upgrade");
-    // Every reply to the 3.2 MB, exactly once, in order.
+    // Every reply to the 13.2 MB, exactly once, in order.
     let got = read_exact_n(&mut bulk, output.len());
     assert!(got == output, "the bulk client's replies differ");
     writer.join().unwrap();
