@@ -143,7 +143,7 @@ pub struct ConnState {
     /// Its per-source count, with a per-source limit (released on drop).
     _permit: Option<Box<SourcePermit>>,
     /// Who it is and what moved, with the access log or the metrics on
-    /// (`/api/connections` shows it).
+    /// (`/api/connections` shows it), and on a PROXY listener.
     report: Option<Box<Report>>,
 }
 
@@ -220,7 +220,11 @@ impl Features {
         since: Instant,
         listener: &Arc<str>,
     ) -> ConnState {
-        let report = (self.access_log.is_some() || self.metrics.is_some()).then(|| {
+        // A PROXY client's address is kept even when nothing reports it:
+        // the socket cannot tell it again, and an upgrade must carry it
+        // (the per-source count of the new process is keyed by it).
+        let keep = self.access_log.is_some() || self.metrics.is_some() || proxy.is_some();
+        let report = keep.then(|| {
             Box::new(Report {
                 client,
                 proxy,
@@ -515,8 +519,8 @@ impl Hooks for Features {
         if let Some((_, m)) = &self.metrics {
             m.handed_over();
         }
-        // Without a report (no access log) the client's PROXY address was
-        // not kept here either: the new process knows it by its TCP peer.
+        // Without a report (no access log, no metrics, no PROXY header) the
+        // new process knows the client by its TCP peer.
         let Some(r) = state.report else {
             return Carried::default();
         };
@@ -557,24 +561,16 @@ impl Hooks for Features {
         let client = c.client.unwrap_or(peer);
         let permit = self.admission.sources.acquire_forced(client.ip());
         let permit = permit.key().is_some().then(|| Box::new(permit));
-        let report = self.access_log.is_some().then(|| {
-            Box::new(Report {
-                client,
-                proxy: c.proxy,
-                since: now.checked_sub(c.age).unwrap_or(now),
-                listener: moved_listener_name(c, conn),
-                received: c.totals[0],
-                sent: c.totals[1],
-                lines: c.totals[2],
-            })
-        });
+        let since = now.checked_sub(c.age).unwrap_or(now);
+        let listener = moved_listener_name(c, conn);
+        let mut state = self.serve(permit, client, c.proxy, since, &listener);
+        if let Some(r) = &mut state.report {
+            [r.received, r.sent, r.lines] = c.totals;
+        }
         let held = conn.held();
         self.held += held;
-        ConnState {
-            held: held.min(u32::MAX as usize) as u32,
-            _permit: permit,
-            report,
-        }
+        state.held = held.min(u32::MAX as usize) as u32;
+        state
     }
 
     fn adopt_preface(

@@ -978,3 +978,80 @@ fn held_connections_move_and_the_memory_bound_holds_in_the_new_process() {
     }
     ping(&mut reader, "and after");
 }
+
+/// A PROXY client connected to `port` as 203.0.113.`host`:51234, answered
+/// once.
+fn proxied(port: u16, host: u8) -> TcpStream {
+    let mut s = connect(port);
+    s.write_all(format!("PROXY TCP4 203.0.113.{host} 127.0.0.1 51234 8001\r\n").as_bytes())
+        .unwrap();
+    ping(&mut s, "hello");
+    s
+}
+
+#[test]
+fn a_proxy_client_is_shown_with_its_address_listener_and_totals_after_the_move() {
+    // Metrics on, no access log: the moved connection's row is whole.
+    let mut up = Up::start(
+        &["--listen-proxy", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+        1,
+        &[],
+    );
+    let (port, m) = (up.port(0), up.metrics_port());
+    let mut c = proxied(port, 7);
+    let old = up.current;
+    up.upgrade();
+    up.wait_log(&format!(
+        "took over 1 listener(s) and 1 connection(s) from pid {old}"
+    ));
+    let v: serde_json::Value = serde_json::from_str(&get_body(m, "/api/connections")).unwrap();
+    let row = &v["connections"][0];
+    assert_eq!(row["client"], "203.0.113.7:51234", "{v}");
+    assert_eq!(row["listener"], format!("127.0.0.1:{port}"), "{v}");
+    assert_eq!(row["proxy"], format!("{}", c.local_addr().unwrap()), "{v}");
+    // "hello\n" both ways, one reply.
+    assert_eq!(
+        (row["received"].clone(), row["sent"].clone()),
+        (6.into(), 6.into())
+    );
+    assert_eq!(row["lines"], 1, "{v}");
+    ping(&mut c, "after");
+}
+
+#[test]
+fn the_per_source_limit_counts_a_moved_proxy_client_by_its_own_address() {
+    // No metrics, no access log: nothing reports the client, and yet the
+    // new process must count it under 203.0.113.7, not the balancer.
+    let mut up = Up::start(
+        &[
+            "--listen-proxy",
+            "127.0.0.1:0",
+            "--max-connections-per-source",
+            "1",
+        ],
+        1,
+        &[],
+    );
+    let port = up.port(0);
+    let mut first = proxied(port, 7);
+    up.upgrade();
+    // A second connection from the same client is past the limit: closed
+    // at once, nothing answered.
+    let mut again = connect(port);
+    again
+        .write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 51235 8001\r\nhi\n")
+        .unwrap();
+    let mut b = [0u8; 8];
+    assert!(
+        match read_once(&mut again, &mut b) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        },
+        "a second connection of 203.0.113.7 was served"
+    );
+    // Another client behind the same balancer is served.
+    let mut other = proxied(port, 8);
+    ping(&mut other, "other");
+    ping(&mut first, "first");
+}
