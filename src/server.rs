@@ -106,6 +106,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
                     return Err(ServerError::Fatal(e));
                 }
             };
+            listener::log_listening(&open.bound, "main()");
             (open, running, activated)
         }
         None => open_listeners(settings)?,
@@ -197,23 +198,43 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
         upgrader,
     )
     .map_err(|e| fatal("spawn signal thread", e))?;
-    // Every listener of every worker is open: now say so.
-    listener::log_listening(&open.bound, "main()");
+    let pid_file = |path: &std::path::Path| {
+        pidfile::prepare(path, std::process::id()).map_err(|e| {
+            format!(
+                "cannot write the pid file {}: {}",
+                path.display(),
+                crate::os_reason(&e)
+            )
+        })
+    };
     match takeover {
         None => {
+            // Before "listening": a pid file that cannot be written stops
+            // start-up (exit 1) before the server says it serves.
             if let Some(path) = &settings.pid_file {
-                pidfile::write(path, std::process::id()).map_err(|e| {
-                    ServerError::Fatal(format!(
-                        "cannot write the pid file {}: {}",
-                        path.display(),
-                        crate::os_reason(&e)
-                    ))
-                })?;
+                pid_file(path)
+                    .and_then(|p| {
+                        p.commit()
+                            .map_err(|e| format!("rename(): {}", crate::os_reason(&e)))
+                    })
+                    .map_err(ServerError::Fatal)?;
             }
+            // Every listener of every worker is open: now say so.
+            listener::log_listening(&open.bound, "main()");
             notifier.ready_with_status(&status_text(slots.taken()));
         }
         Some(mut t) => {
             let old = t.old_pid();
+            // Written beside its place before Ready: one that cannot be
+            // written rolls the upgrade back, the old pid file stays.
+            let pid_file = match settings.pid_file.as_deref().map(pid_file).transpose() {
+                Ok(p) => p,
+                Err(e) => {
+                    t.fail(&e);
+                    return Err(ServerError::Fatal(e));
+                }
+            };
+            listener::log_listening(&open.bound, "main()");
             t.ready().map_err(|e| fatal("upgrade channel", e))?;
             match t.wait_commit(&stop.stop) {
                 Commit::Go { .. } | Commit::OldGone => {}
@@ -237,7 +258,7 @@ pub fn run(settings: &Settings, cli: Cli) -> Result<(), ServerError> {
                 workers: links,
                 metrics: observers.metrics.clone(),
                 deferred: observers.deferred_metrics(),
-                pid_file: settings.pid_file.clone(),
+                pid_file,
                 notifier: notifier.clone(),
                 state: state.clone(),
                 listeners: t.listeners_taken(),

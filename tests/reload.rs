@@ -255,7 +255,7 @@ fn a_change_of_workers_is_named_and_waits_for_a_restart() {
     assert!(server.reload().ends_with("listeners +0 -0"));
     assert!(
         server.wait_log(
-            "workers (1 -> 2) changed: takes effect at the next restart",
+            "workers (1 -> 2) changed: takes effect at the next restart or upgrade (SIGUSR2)",
             Duration::from_secs(2)
         ),
         "{:?}",

@@ -468,7 +468,7 @@ fn a_new_binary_that_fails_is_rolled_back_and_a_good_one_then_upgrades() {
     });
     let sleeper = started.expect("the started pid is logged");
     let began = Instant::now();
-    up.wait_log("was not ready within 10 s; ended pid");
+    up.wait_log("was not ready within 10 s; ended it (");
     assert!(
         began.elapsed() >= Duration::from_secs(8),
         "{:?}",
@@ -1054,4 +1054,42 @@ fn the_per_source_limit_counts_a_moved_proxy_client_by_its_own_address() {
     let mut other = proxied(port, 8);
     ping(&mut other, "other");
     ping(&mut first, "first");
+}
+
+#[test]
+fn a_pid_file_that_cannot_be_written_stops_start_up_before_any_listening_line() {
+    let (status, log) = run_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--pid-file",
+            "/nonexistent-xps-dir/xps.pid",
+        ],
+        WAIT,
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("cannot write the pid file /nonexistent-xps-dir/xps.pid"),
+        "{log}"
+    );
+    assert!(!log.contains("listening"), "{log}");
+}
+
+#[test]
+fn a_new_process_that_cannot_write_the_pid_file_is_rolled_back() {
+    let mut up = Up::start(&["--listen", "127.0.0.1:0"], 1, &[]);
+    let first = up.current;
+    let mut client = connect(up.port(0));
+    // Where the new process writes its pid first is a directory now.
+    let tmp = up.dir.join("xps.pid.tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    up.install_real();
+    up.sigusr2();
+    up.wait_log("cannot write the pid file");
+    up.wait_log("still serving");
+    assert_eq!(read_pid(&up.pid_file), Some(first));
+    ping(&mut client, "still served by the old process");
+    std::fs::remove_dir(&tmp).unwrap();
+    up.upgrade();
+    ping(&mut client, "moved");
 }

@@ -12,15 +12,55 @@ use std::path::{Path, PathBuf};
 
 /// Writes `pid` to `path` (through `PATH.tmp` and a rename).
 pub fn write(path: &Path, pid: u32) -> io::Result<()> {
+    prepare(path, pid)?.commit()
+}
+
+/// A pid file written beside its path and not yet renamed into place: a
+/// new process of an upgrade prepares it before it says it is ready, so a
+/// file it cannot write rolls the upgrade back instead of leaving no pid
+/// file at all. Dropped uncommitted, it is removed.
+#[derive(Debug)]
+pub struct Prepared {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+/// Writes `PID\n` to `PATH.tmp`.
+pub fn prepare(path: &Path, pid: u32) -> io::Result<Prepared> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp)?;
+    let prepared = Prepared {
+        tmp: PathBuf::from(tmp),
+        path: path.to_owned(),
+        committed: false,
+    };
+    let mut f = std::fs::File::create(&prepared.tmp)?;
     f.write_all(format!("{pid}\n").as_bytes())?;
-    drop(f);
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+    Ok(prepared)
+}
+
+impl Prepared {
+    /// Renames it over the pid file: a reader sees the old pid or this one.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.committed = true;
+        std::fs::rename(&self.tmp, &self.path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&self.tmp);
+        })
+    }
+
+    /// Where it goes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Removes the pid file at `path` if it holds `pid` (the file of an
@@ -54,6 +94,14 @@ mod tests {
         assert!(!path.exists());
         assert_eq!(read_pid(&path), None);
         assert!(write(&dir.join("no/such/dir"), 1).is_err());
+        // Prepared and dropped: nothing is left, the file is unchanged.
+        write(&path, 43).unwrap();
+        drop(prepare(&path, 44).unwrap());
+        assert!(!dir.join("xps.pid.tmp").exists());
+        assert_eq!(read_pid(&path), Some(43));
+        prepare(&path, 44).unwrap().commit().unwrap();
+        assert_eq!(read_pid(&path), Some(44));
+        assert!(remove_if_holds(&path, 44));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

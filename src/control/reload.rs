@@ -363,7 +363,7 @@ impl Reloader {
             xps_log!(
                 Level::Warning,
                 "xps_core_reload()",
-                "{what} changed: takes effect at the next restart"
+                "{what} changed: takes effect at the next restart or upgrade (SIGUSR2)"
             );
         }
     }

@@ -618,7 +618,12 @@ impl Job {
                 Err(e) => format!("the channel to pid {pid} failed: {}", crate::os_reason(&e)),
             };
         };
-        Err(Rollback(format!("{why}; ended pid {pid} ({})", new.end())))
+        // The pid is named once: "pid N was not ready …; ended it".
+        let it = match why.starts_with(&format!("pid {pid} ")) {
+            true => "it".to_string(),
+            false => format!("pid {pid}"),
+        };
+        Err(Rollback(format!("{why}; ended {it} ({})", new.end())))
     }
 
     /// Tells every worker to move its connections out, and writes their

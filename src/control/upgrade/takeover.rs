@@ -21,7 +21,6 @@
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
@@ -83,8 +82,9 @@ pub struct Finisher {
     pub metrics: Option<Arc<Metrics>>,
     /// The metrics endpoint, served once the counters are in.
     pub deferred: Option<DeferredMetrics>,
-    /// `--pid-file`.
-    pub pid_file: Option<PathBuf>,
+    /// `--pid-file`, written beside its place, renamed into it once the
+    /// connections are here.
+    pub pid_file: Option<pidfile::Prepared>,
     /// systemd (muted until the old process has handed the unit over).
     pub notifier: Notifier,
     /// Taken over: SIGUSR2 and SIGHUP act again.
@@ -480,16 +480,17 @@ impl TakeOver {
                 crate::os_reason(&e)
             );
         }
-        if let Some(path) = &f.pid_file
-            && let Err(e) = pidfile::write(path, std::process::id())
-        {
-            xps_log!(
-                Level::Error,
-                SOURCE,
-                "cannot write the pid file {}: {}",
-                path.display(),
-                crate::os_reason(&e)
-            );
+        if let Some(prepared) = f.pid_file.take() {
+            let path = prepared.path().to_owned();
+            if let Err(e) = prepared.commit() {
+                xps_log!(
+                    Level::Error,
+                    SOURCE,
+                    "cannot rename the pid file into place at {}: {}",
+                    path.display(),
+                    crate::os_reason(&e)
+                );
+            }
         }
         f.state.taken_over();
         xps_log!(
