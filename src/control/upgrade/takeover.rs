@@ -430,7 +430,15 @@ impl TakeOver {
                     ),
                 },
                 Some(Kind::Done) => {
-                    match wire::read_done(&frame.payload) {
+                    // Done is state: read only in a version this binary knows.
+                    let done_read = match self.hello.state {
+                        wire::STATE => wire::read_done(&frame.payload).map_err(|e| e.to_string()),
+                        v => Err(format!(
+                            "state version {v}, this binary reads {}",
+                            wire::STATE
+                        )),
+                    };
+                    match done_read {
                         Ok(d) => {
                             if let Some(m) = &f.metrics {
                                 m.carry_over(d.counters);
