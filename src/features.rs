@@ -470,16 +470,12 @@ impl Hooks for Features {
             r.sent += pass.sent as u64;
             r.lines += pass.replies as u64;
         }
-        let held = conn.held();
-        self.held = self.held - state.held as usize + held;
-        self.holding = self.holding - usize::from(state.held > 0) + usize::from(held > 0);
-        state.held = held.min(u32::MAX as usize) as u32;
+        self.set_held(state, conn.held());
     }
 
     #[inline]
-    fn on_close(&mut self, state: ConnState, reason: &CloseReason, now: Instant) {
-        self.held -= state.held as usize;
-        self.holding -= usize::from(state.held > 0);
+    fn on_close(&mut self, mut state: ConnState, reason: &CloseReason, now: Instant) {
+        self.set_held(&mut state, 0);
         let ended = state.report.as_deref().map(|r| Ended {
             listener: &r.listener,
             client: r.client,
@@ -514,8 +510,8 @@ impl Hooks for Features {
         self.admission.budget.publish(self.worker, self.held);
     }
 
-    fn hand_over(&mut self, state: ConnState, _conn: &Connection, now: Instant) -> Carried {
-        self.held -= state.held as usize;
+    fn hand_over(&mut self, mut state: ConnState, _conn: &Connection, now: Instant) -> Carried {
+        self.set_held(&mut state, 0);
         if let Some((_, m)) = &self.metrics {
             m.handed_over();
         }
@@ -567,9 +563,7 @@ impl Hooks for Features {
         if let Some(r) = &mut state.report {
             [r.received, r.sent, r.lines] = c.totals;
         }
-        let held = conn.held();
-        self.held += held;
-        state.held = held.min(u32::MAX as usize) as u32;
+        self.set_held(&mut state, conn.held());
         state
     }
 
@@ -634,6 +628,16 @@ fn moved_listener_name(c: &Carried, conn: &Connection) -> Arc<str> {
 }
 
 impl Features {
+    /// What a connection holds is now `held` bytes: the worker's total and
+    /// its count of connections holding bytes follow. The one place both
+    /// change (a pass, a close, a move out or in).
+    #[inline]
+    fn set_held(&mut self, state: &mut ConnState, held: usize) {
+        self.held = self.held - state.held as usize + held;
+        self.holding = self.holding - usize::from(state.held > 0) + usize::from(held > 0);
+        state.held = held.min(u32::MAX as usize) as u32;
+    }
+
     /// A served connection (or a preface the socket or a shutdown ended)
     /// closed: the close counter and the access-log record.
     fn closed(&mut self, reason: &CloseReason, ended: Option<&Ended<'_>>, now: Instant) {

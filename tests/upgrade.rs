@@ -977,6 +977,16 @@ fn held_connections_move_and_the_memory_bound_holds_in_the_new_process() {
         writer.join().unwrap();
     }
     ping(&mut reader, "and after");
+    // Nothing is held any more, and the count of connections holding
+    // bytes (`/api`'s req_current) says so: moved connections are counted
+    // in and out like accepted ones (it wrapped below 0 before).
+    wait_for(
+        || {
+            let api: serde_json::Value = serde_json::from_str(&get_body(m, "/api")).unwrap();
+            api["req_current"] == 0
+        },
+        "req_current back to 0",
+    );
 }
 
 /// A PROXY client connected to `port` as 203.0.113.`host`:51234, answered
