@@ -71,14 +71,9 @@ fn assert_bad_config(contents: &str, needles: &[&str]) {
     }
 }
 
-/// Ports that were free a moment ago (bound to 127.0.0.1:0, then released).
+/// `n` ports nothing listens on (see `common::free_port`).
 fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    (0..n).map(|_| free_port()).collect()
 }
 
 /// The address xps logged for `port`: "Server listening on port P (ADDR)".

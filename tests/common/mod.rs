@@ -342,13 +342,27 @@ pub fn server_rx_queue(server_port: u16, client_port: u16) -> Option<u64> {
     })
 }
 
-/// A loopback port nothing listens on right now (bound, then released).
+/// A loopback port nothing listens on right now, for a server that must be
+/// told its port (a config file). Taken below the kernel's ephemeral range
+/// (32768–60999 by default): a port from `bind(":0")`, once released, could
+/// be taken by any client connection or `:0` listener of a test running
+/// meanwhile before the server binds it ("Address already in use", seen
+/// in CI). Each call of this process takes the next port of a sequence
+/// that starts at an offset from the pid, and checks it can be bound.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
 }
 
 /// The value of one sample line of a Prometheus exposition (`name{labels}`
