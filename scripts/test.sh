@@ -24,3 +24,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo test --workspace --release "$@"
+# cargo keeps a passing test's output to itself: name the status page's
+# screenshots (tests/status_page.rs) here, where CI's log shows them.
+for png in target/tmp/status-page*.png; do
+  if [ -e "$png" ]; then echo "status page screenshot: $png"; fi
+done
