@@ -49,25 +49,4 @@ for mode in $MODES; do
     done
 done
 
-python3 - "$OUT/runs.txt" <<'PY'
-import statistics
-import sys
-rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-idle = {v: int(ir) for v, m, _, ir, _ in rows if m == "idle"}
-per = {}
-for v, m, _, ir, ops in rows:
-    if m != "idle":
-        per.setdefault((m, v), []).append((int(ir) - idle[v]) / int(ops))
-print("| load | binary | Ir per op, each run | median |")
-print("|---|---|---|---:|")
-modes = [m for m in ("lines", "churn") if (m, "old") in per]
-for m in modes:
-    for v in ("old", "new"):
-        vals = per[(m, v)]
-        print("| %s | %s | %s | %.1f per %s |" % (m, v, ", ".join("%.1f" % x for x in vals),
-              statistics.median(vals), "line" if m == "lines" else "connection"))
-for m in modes:
-    o, n = statistics.median(per[(m, "old")]), statistics.median(per[(m, "new")])
-    print("%s: new / old = %.4f (%+.2f %%, %+.1f Ir per op)" % (m, n / o, 100 * (n / o - 1), n - o))
-print("idle (start-up + shutdown) Ir: %s" % idle)
-PY
+python3 bench/callgrind-table.py "$OUT/runs.txt" old new

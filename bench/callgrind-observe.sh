@@ -57,27 +57,4 @@ for mode in $MODES; do
     done
 done
 
-python3 - "$OUT/runs.txt" <<'PY'
-import statistics
-import sys
-rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-idle = {v: int(ir) for v, m, _, ir, _ in rows if m == "idle"}
-per = {}
-for v, m, _, ir, ops in rows:
-    if m != "idle":
-        per.setdefault((m, v), []).append((int(ir) - idle[v]) / int(ops))
-print("| load | variant | Ir per op, each run | median |")
-print("|---|---|---|---:|")
-modes = [m for m in ("lines", "churn") if (m, "plain") in per]
-for m in modes:
-    for v in ("plain", "metrics", "observed"):
-        vals = per[(m, v)]
-        print("| %s | %s | %s | %.1f per %s |" % (m, v, ", ".join("%.1f" % x for x in vals),
-              statistics.median(vals), "line" if m == "lines" else "connection"))
-for m in modes:
-    p = statistics.median(per[(m, "plain")])
-    for v in ("metrics", "observed"):
-        q = statistics.median(per[(m, v)])
-        print("%s: %s / plain = %.4f (%+.1f %%, %+.1f Ir per op)" % (m, v, q / p, 100 * (q / p - 1), q - p))
-print("idle (start-up + shutdown) Ir: %s" % idle)
-PY
+python3 bench/callgrind-table.py "$OUT/runs.txt" plain metrics observed
