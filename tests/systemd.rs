@@ -192,15 +192,6 @@ fn notify_ready_reloading_stopping() {
     assert_eq!(st.code(), Some(0), "log: {:?}", server.drain_log());
 }
 
-/// `systemd-socket-activate` on `PATH` (or the usual place), if installed.
-fn socket_activate_tool() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
-        .map(|d| d.join("systemd-socket-activate"))
-        .find(|p| p.is_file())
-}
-
 /// `systemd-socket-activate`, then xps in its place; killed on drop.
 struct Activated {
     child: Child,

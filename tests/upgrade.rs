@@ -1103,3 +1103,85 @@ fn a_new_process_that_cannot_write_the_pid_file_is_rolled_back() {
     up.upgrade();
     ping(&mut client, "moved");
 }
+
+/// Waits until the file at `log` has a line containing `needle`.
+fn wait_file_log(log: &Path, needle: &str) {
+    wait_for(
+        || std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)),
+        needle,
+    );
+}
+
+#[test]
+fn socket_activated_listeners_move_with_their_connections() {
+    // systemd × upgrade: the sockets systemd passed (LISTEN_FDS, for the
+    // first process only: LISTEN_PID names it) reach the new process
+    // through the hand-over, and no worker binds anything.
+    let Some(tool) = socket_activate_tool() else {
+        eprintln!(
+            "*** SKIPPED: systemd-socket-activate is not installed (scripts/test.sh installs it: apt-get install systemd)"
+        );
+        return;
+    };
+    // SAFETY: prctl with these arguments only marks this process.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let dir = temp_file("unused", "").parent().unwrap().to_path_buf();
+    let exe = dir.join("xps");
+    copy_executable(Path::new(XPS), &exe);
+    let (pid_file, log) = (dir.join("xps.pid"), dir.join("stderr.log"));
+    let port = free_port();
+    let mut first = Command::new(tool)
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(&exe)
+        .args(["--workers", "2", "--pid-file"])
+        .arg(&pid_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Once it listens, the first connection makes it exec xps.
+    wait_file_log(&log, "Listening on");
+    let mut client = connect(port);
+    ping(&mut client, "activated");
+    let old = first.id();
+    wait_for(|| read_pid(&pid_file) == Some(old), "the pid file");
+
+    let tmp = dir.join("xps.new");
+    copy_executable(Path::new(XPS), &tmp);
+    std::fs::rename(&tmp, &exe).unwrap();
+    // SAFETY: kill(2) on the process this test started.
+    unsafe { libc::kill(old as i32, libc::SIGUSR2) };
+    wait_for(
+        || read_pid(&pid_file).is_some_and(|p| p != old),
+        "the new pid in the pid file",
+    );
+    let new = read_pid(&pid_file).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(st) = first.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "pid {old} did not exit");
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    wait_file_log(
+        &log,
+        &format!("took over 1 listener(s) and 1 connection(s) from pid {old}"),
+    );
+    // The same connection, and new ones on the same socket, served by the
+    // new process; nothing was bound again.
+    ping(&mut client, "moved");
+    for i in 0..4 {
+        ping(&mut connect(port), &format!("after {i}"));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("bind()"), "{text}");
+    // SAFETY: kill/waitpid on the new process, our child as subreaper.
+    unsafe {
+        libc::kill(new as i32, libc::SIGTERM);
+        libc::waitpid(new as i32, std::ptr::null_mut(), 0);
+    }
+}

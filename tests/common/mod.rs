@@ -501,3 +501,15 @@ pub fn scripted_session(port: u16) {
         "idle client closed by the timeout"
     );
 }
+
+/// `systemd-socket-activate` on `PATH` (or the usual place), if installed.
+pub fn socket_activate_tool() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([
+            std::path::PathBuf::from("/usr/bin"),
+            std::path::PathBuf::from("/bin"),
+        ])
+        .map(|d| d.join("systemd-socket-activate"))
+        .find(|p| p.is_file())
+}
