@@ -69,7 +69,7 @@ impl<H: Hooks> Core<H> {
                     let _ = done.send(());
                 }
                 Control::Adopt(conns) => self.queue_adopt(conns),
-                Control::Snapshot(reply) => reply(self.snapshot()),
+                Control::Snapshot(reply) => self.snapshots_asked.push(reply),
             }
         }
     }

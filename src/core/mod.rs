@@ -156,8 +156,11 @@ pub struct Core<H: Hooks> {
     stopped: bool,
     /// Accept failures, warned about at most once per [`WARN_INTERVAL`].
     accept_warning: RateLimited,
-    /// Messages from the control thread (reload), if any may come.
+    /// Messages from the control thread (reload, upgrade, snapshots), if
+    /// any may come.
     control: Option<std::sync::mpsc::Receiver<Control<H>>>,
+    /// Snapshots asked for in this turn, answered at its end (step 8).
+    snapshots_asked: Vec<snapshot::Reply>,
     /// Connections moving to or from another process (an upgrade).
     moving: handover::Moving,
     /// The features.
@@ -192,6 +195,7 @@ impl<H: Hooks> Core<H> {
             stopped: false,
             accept_warning: RateLimited::new(WARN_INTERVAL),
             control,
+            snapshots_asked: Vec::new(),
             moving: handover::Moving::default(),
             hooks,
         };
@@ -529,6 +533,7 @@ impl<H: Hooks> Handler for Core<H> {
         self.expire_deadlines(); // 5. timeouts
         self.step_shutdown(); // 6. lingering connections, the grace period
         self.hooks.on_turn(); // 7. the features' end of turn
+        self.answer_snapshots(); // 8. after 7, so no count lags a snapshot
         self.next_timeout()
     }
 

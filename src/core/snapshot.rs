@@ -105,6 +105,19 @@ fn state_of<H: Hooks>(entry: &Entry<H>) -> State {
 
 impl<H: Hooks> Core<H> {
     /// Walks the slab once: every connection and listener of this worker.
+    /// Step 8: answers the snapshots asked for in this turn. At the end of
+    /// the turn, once the hooks have published its counts (step 7): a
+    /// snapshot answered earlier could show a connection's bytes before the
+    /// totals that `/api` reads include them.
+    pub(super) fn answer_snapshots(&mut self) {
+        if self.snapshots_asked.is_empty() {
+            return;
+        }
+        for reply in std::mem::take(&mut self.snapshots_asked) {
+            reply(self.snapshot());
+        }
+    }
+
     pub(super) fn snapshot(&self) -> Snapshot {
         let now = self.clock.now;
         let connections = self
