@@ -601,9 +601,12 @@ fn sigterm_answers_lines_held_back_by_flow_control() {
         let _ = w.shutdown(Shutdown::Write);
     });
     // Wait until the writes stall (or end) with input held back unread.
-    // Stalled means: nothing moves for 400 ms — the writer is blocked, the
-    // client's send queue is not shrinking, and the server is not reading
-    // the input it holds (not merely that a thread was not scheduled).
+    // Stalled means: nothing moves for 400 ms — the writer is blocked or
+    // done, the client's send queue is not shrinking, and the server is not
+    // reading the input it holds (not merely that a thread was not
+    // scheduled). Whether the client still has unacknowledged bytes depends
+    // on how far the kernel grew the server's receive buffer (under load it
+    // once took all 12.8 MB): either way the server holds input unread.
     let deadline = Instant::now() + Duration::from_secs(15);
     let sample = || {
         (
@@ -620,7 +623,7 @@ fn sigterm_answers_lines_held_back_by_flow_control() {
         if now != last {
             last = now;
             still_since = Instant::now();
-        } else if still_since.elapsed() > Duration::from_millis(400) && now.1 > 0 && now.2 > 0 {
+        } else if still_since.elapsed() > Duration::from_millis(400) && now.2 > 0 {
             break;
         }
         assert!(
