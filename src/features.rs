@@ -516,18 +516,9 @@ impl Hooks for Features {
             m.handed_over();
         }
         // Without a report (no access log, no metrics, no PROXY header) the
-        // new process knows the client by its TCP peer.
-        let Some(r) = state.report else {
-            return Carried::default();
-        };
-        Carried {
-            listener: r.listener.to_string(),
-            client: Some(r.client),
-            proxy: r.proxy,
-            age: now.saturating_duration_since(r.since),
-            totals: [r.received, r.sent, r.lines],
-            preface: Vec::new(),
-        }
+        // snapshot's view is empty: the new process knows the client by its
+        // TCP peer.
+        Carried::of(self.about(&state), now)
     }
 
     fn hand_over_preface(&mut self, mut p: Box<Preface>, now: Instant) -> Carried {

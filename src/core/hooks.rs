@@ -111,6 +111,23 @@ pub struct Carried {
     pub preface: Vec<u8>,
 }
 
+impl Carried {
+    /// What a served connection carries: what its hooks know of it
+    /// ([`About`], the same view a snapshot shows), its age taken at `now`.
+    pub fn of(about: About, now: Instant) -> Carried {
+        Carried {
+            listener: about.listener.as_deref().unwrap_or_default().to_string(),
+            client: about.client,
+            proxy: about.proxy,
+            age: about
+                .since
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t)),
+            totals: [about.received, about.sent, about.lines],
+            preface: Vec::new(),
+        }
+    }
+}
+
 /// What the hooks know of one connection, for a snapshot of the worker's
 /// connections (`/api/connections`): asked only when a snapshot is taken,
 /// never per line. `Default` is "nothing known".
